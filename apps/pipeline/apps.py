@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class PipelineConfig(AppConfig):
+    """Offline pipeline: extraction, cleaning, data quality, runs and watermarks."""
+
+    name = "apps.pipeline"
+    label = "pipeline"
+    verbose_name = "Pipeline"

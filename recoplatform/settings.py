@@ -1,0 +1,148 @@
+"""Django settings, driven by environment variables with embedded defaults.
+
+With no variable set, everything runs on one laptop: SQLite for Django's own tables, SQLite
+files for the business and Matomo sources (``make_demo_data`` creates them), no Redis, and
+Celery tasks executed eagerly in-process. Each variable below switches one piece to a real
+server; docs/CONFIGURATION.md lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from recoplatform.env import env_bool, env_dir, env_float, env_int, env_str, env_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = env_dir("DATA_DIR", BASE_DIR / "var")
+
+DEBUG = env_bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", "insecure-dev-key-change-me" if DEBUG else "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is off")
+ALLOWED_HOSTS = [h for h in env_str("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",") if h]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_celery_beat",
+    "django_prometheus",
+    "apps.pipeline",
+    "apps.models",
+    "apps.experiments",
+    "apps.serving",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "recoplatform.urls"
+WSGI_APPLICATION = "recoplatform.wsgi.application"
+ASGI_APPLICATION = "recoplatform.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Django's own database ---------------------------------------------------------------
+_database_url = env_url(
+    "DATABASE_URL",
+    f"sqlite:///{DATA_DIR / 'recoplatform.sqlite3'}",
+    schemes=("sqlite", "mysql", "mariadb", "postgres", "postgresql"),
+)
+try:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60)}
+except Exception as exc:  # dj_database_url raises plain ValueErrors/KeyErrors
+    raise ImproperlyConfigured(f"DATABASE_URL={_database_url!r} cannot be parsed: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
+    DATABASES["default"].setdefault("OPTIONS", {})["charset"] = "utf8mb4"
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the admin read while a pipeline stage writes; the busy timeout covers short overlaps.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Sources, Redis, Celery, MLflow --------------------------------------------------------
+_SOURCE_SCHEMES = ("sqlite", "mysql", "mariadb")
+BUSINESS_DB_URL = env_url(
+    "BUSINESS_DB_URL", f"sqlite:///{DATA_DIR / 'business.sqlite3'}", schemes=_SOURCE_SCHEMES
+)
+MATOMO_DB_URL = env_url(
+    "MATOMO_DB_URL", f"sqlite:///{DATA_DIR / 'matomo.sqlite3'}", schemes=_SOURCE_SCHEMES
+)
+REDIS_URL = env_url("REDIS_URL", "", schemes=("redis", "rediss", "unix"))
+CELERY_BROKER_URL = env_url("CELERY_BROKER_URL", "", schemes=("redis", "rediss", "amqp", "pyamqp"))
+MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", (DATA_DIR / "mlruns").as_uri())
+
+# Celery: with no broker configured, tasks run eagerly in the calling process.
+CELERY_TASK_ALWAYS_EAGER = CELERY_BROKER_URL == ""
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", "")
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
+
+# --- Platform options (read through apps.pipeline.conf.reco()) -----------------------------
+RECO = {
+    "SOURCES_CONTRACT": env_str("RECO_SOURCES_CONTRACT", str(BASE_DIR / "config" / "sources.yaml")),
+    # A data-quality score below this blocks training.
+    "QUALITY_THRESHOLD": env_float("RECO_QUALITY_THRESHOLD", 90.0, minimum=0.0),
+    # Data older than this (hours) counts as stale in the freshness check.
+    "FRESHNESS_MAX_AGE_HOURS": env_float("RECO_FRESHNESS_MAX_AGE_HOURS", 48.0, minimum=0.0),
+    # How long an extraction lock is held before another run may take it over (seconds).
+    "EXTRACT_LOCK_TTL_SECONDS": env_int("RECO_EXTRACT_LOCK_TTL_SECONDS", 3600, minimum=1),
+    # Rows fetched per round trip during extraction.
+    "EXTRACT_BATCH_ROWS": env_int("RECO_EXTRACT_BATCH_ROWS", 50_000, minimum=1),
+}
+
+# --- Internationalisation, static files ------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "rest_framework.schemas.openapi.AutoSchema",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
