@@ -7,3 +7,8 @@ class PipelineConfig(AppConfig):
     name = "apps.pipeline"
     label = "pipeline"
     verbose_name = "Pipeline"
+
+    def ready(self) -> None:
+        from apps.pipeline.metrics import register_collector
+
+        register_collector()

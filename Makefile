@@ -1,0 +1,83 @@
+# recoplatform developer entry points. `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+HOST ?= 127.0.0.1
+MANAGE := $(BIN)/python manage.py
+# Demo sizes; override e.g. `make demo DEMO_ACTIONS=5000000`.
+DEMO_USERS ?= 2000
+DEMO_ITEMS ?= 500
+DEMO_ACTIONS ?= 200000
+DEMO_SEED ?= 42
+
+.PHONY: help system-deps venv migrate demo-data pipeline admin-user demo-setup demo demo-check \
+        test lint format pytest check-sources clean-data benchmarks
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
+
+system-deps:  ## install the C headers mysqlclient builds against (Debian/Ubuntu; needs root)
+	@if pkg-config --exists mysqlclient 2>/dev/null || pkg-config --exists libmariadb 2>/dev/null; then \
+		echo "system-deps: MySQL client headers present"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		echo "system-deps: installing libmariadb-dev pkg-config"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmariadb-dev pkg-config >/dev/null; \
+	else \
+		echo "system-deps: install the MySQL client headers first: sudo apt-get install libmariadb-dev pkg-config" >&2; exit 1; \
+	fi
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	@touch $@
+
+venv: $(BIN)/.installed  ## create .venv and install pinned requirements
+
+migrate: venv  ## create/upgrade Django's tables
+	$(MANAGE) migrate --noinput -v 0
+
+demo-data: venv  ## write the demo business + Matomo databases (SQLite by default)
+	$(MANAGE) make_demo_data --reset --users $(DEMO_USERS) --items $(DEMO_ITEMS) \
+		--actions $(DEMO_ACTIONS) --seed $(DEMO_SEED)
+
+check-sources: venv  ## validate config/sources.yaml against the live source databases
+	$(MANAGE) check_sources
+
+pipeline: venv  ## run every pipeline stage once (extract, canonicalize, quality, clean)
+	$(MANAGE) run_pipeline --triggered-by make
+
+admin-user: venv  ## create or reset the demo admin user and print its credentials
+	$(MANAGE) ensure_admin
+
+demo-setup: venv migrate demo-data check-sources pipeline admin-user
+
+demo: demo-setup  ## fresh clone -> demo data, pipeline, admin user, server on http://$(HOST):$(PORT)/
+	@echo "Serving on http://$(HOST):$(PORT)/admin/ (Ctrl-C to stop)"
+	$(MANAGE) runserver $(HOST):$(PORT)
+
+demo-check: demo-setup  ## the demo, unattended: start the server, probe it, stop it
+	$(BIN)/python scripts/demo_check.py --host $(HOST) --port $(PORT)
+
+lint: venv  ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+pytest: venv
+	$(BIN)/pytest -q
+
+test: lint pytest  ## ruff + the whole test suite
+
+benchmarks: venv  ## pipeline benchmarks (long; results in benchmarks/results/)
+	$(BIN)/python -m benchmarks.extract_throughput
+	$(BIN)/python -m benchmarks.demo_data --actions 5000000
+
+clean-data:  ## remove the local data directory (var/)
+	rm -rf var

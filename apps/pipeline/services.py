@@ -1,0 +1,397 @@
+"""Pipeline services: every write of the pipeline app goes through these functions.
+
+Each stage is a plain function ``stage_<name>(stage_run, progress)`` that fetches its inputs,
+calls the pure core, writes its outputs and returns a ``StageOutcome``. ``stage_run_execute``
+wraps any stage with the bookkeeping (status, timings, row counts, error text), so the
+management commands, the Celery tasks and the admin all run stages the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from apps.pipeline import canonical, clean, extract, frames, quality
+from apps.pipeline.conf import data_path, reco
+from apps.pipeline.lake import Lake
+from apps.pipeline.models import (
+    DataQualityReport,
+    ExtractionRun,
+    PipelineRun,
+    RunStatus,
+    Stage,
+    StageRun,
+)
+from apps.pipeline.sources.contract import Contract, load_contract, validate_live
+from apps.pipeline.sources.db import make_engine
+from apps.pipeline.stores import DjangoLockManager, DjangoWatermarkStore
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None] | None
+
+# The order a full run executes. Quality runs on the canonical frames *before* cleaning so
+# that its score reflects the data as delivered, not after repairs.
+PIPELINE_STAGES: tuple[str, ...] = (
+    Stage.EXTRACT_BUSINESS,
+    Stage.EXTRACT_MATOMO,
+    Stage.CANONICALIZE,
+    Stage.QUALITY,
+    Stage.CLEAN,
+)
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage reports back for its ``StageRun`` row."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class QualityGateError(RuntimeError):
+    """Training is blocked: the latest data-quality report is below the threshold."""
+
+
+# --- contract and sources ---------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _contract_cached(path: str, mtime: float) -> Contract:
+    return load_contract(path)
+
+
+def get_contract() -> Contract:
+    """The validated source contract (re-read when the file changes)."""
+    path = str(reco("SOURCES_CONTRACT"))
+    mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
+    return _contract_cached(path, mtime)
+
+
+def source_url(contract: Contract, source: str) -> str:
+    """The database URL of a source, from the setting its contract names."""
+    setting = contract.sources[source].url_setting
+    return str(getattr(settings, setting, "") or "")
+
+
+def sources_check() -> list[str]:
+    """Validate the contract against every live source; return a line per source checked.
+
+    Raises ``ContractError`` listing every mismatch (missing tables/columns, wrong types).
+    """
+    contract = get_contract()
+    engines = {}
+    for name in contract.sources:
+        url = source_url(contract, name)
+        if url:
+            engines[name] = make_engine(url)
+    try:
+        validate_live(contract, engines)
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+    return [
+        f"{name}: {len(spec.tables)} tables match ({_redact(source_url(contract, name))})"
+        for name, spec in contract.sources.items()
+    ]
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL for logs and messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def lake() -> Lake:
+    """The raw lake under DATA_DIR/raw."""
+    return Lake(Path(settings.DATA_DIR) / "raw")
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+def _stage_extract(source: str, stage_run: StageRun, progress: Progress) -> StageOutcome:
+    contract = get_contract()
+    url = source_url(contract, source)
+    spec = contract.sources[source]
+    if not url:
+        return StageOutcome(detail={"skipped": f"{spec.url_setting} is not configured"})
+    engine = make_engine(url)
+    holder = f"{socket.gethostname()}:{os.getpid()}:stage{stage_run.pk}"
+    try:
+        result = extract.extract_source(
+            engine,
+            spec,
+            lake(),
+            DjangoWatermarkStore(),
+            DjangoLockManager(),
+            holder=holder,
+            lock_ttl_seconds=int(reco("EXTRACT_LOCK_TTL_SECONDS")),
+            batch_rows=int(reco("EXTRACT_BATCH_ROWS")),
+            progress=progress,
+            reconcile=True,
+        )
+    finally:
+        engine.dispose()
+    rows_read = rows_written = 0
+    tables = {}
+    with transaction.atomic():
+        for table in result.tables:
+            ExtractionRun.objects.create(
+                stage_run=stage_run,
+                source=source,
+                table=table.table,
+                status=RunStatus.SUCCEEDED,
+                rows_read=table.rows_read,
+                rows_written=table.rows_written,
+                rows_deleted=table.rows_deleted,
+                watermark_from=table.watermark_from,
+                watermark_to=table.watermark_to,
+                upper_bound=str(table.upper_bound or ""),
+                seconds=table.seconds,
+            )
+            rows_read += table.rows_read
+            rows_written += table.rows_written
+            tables[table.table] = {
+                "rows_read": table.rows_read,
+                "rows_written": table.rows_written,
+                "rows_deleted": table.rows_deleted,
+                "seconds": round(table.seconds, 3),
+            }
+    return StageOutcome(rows_in=rows_read, rows_out=rows_written, detail={"tables": tables})
+
+
+def stage_extract_business(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Extract the business database's tables incrementally into the lake."""
+    return _stage_extract("business", stage_run, progress)
+
+
+def stage_extract_matomo(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Extract the Matomo log tables incrementally into the lake."""
+    return _stage_extract("matomo", stage_run, progress)
+
+
+def stage_canonicalize(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Map the lake's raw tables to canonical users, items and interactions (not yet cleaned)."""
+    contract = get_contract()
+    the_lake = lake()
+    raw = {}
+    for spec in (t for s in contract.sources.values() for t in s.tables.values()):
+        if the_lake.exists(spec.source, spec.name):
+            raw[spec.key] = the_lake.read_table(spec.source, spec.name)
+            if progress:
+                progress(len(raw[spec.key]))
+    result = canonical.build_canonical(raw, contract)
+    out = {"users": result.users, "items": result.items, "interactions": result.interactions}
+    frames.write_frames(data_path("staged", "x").parent, out)
+    rows_in = sum(len(df) for df in raw.values())
+    return StageOutcome(
+        rows_in=rows_in,
+        rows_out=sum(len(df) for df in out.values()),
+        detail={"rows": {k: len(v) for k, v in out.items()}, "stats": _jsonable(result.stats)},
+    )
+
+
+def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Score the staged (uncleaned) data and store a DataQualityReport with HTML and JSON."""
+    staged = frames.read_frames(data_path("staged", "x").parent)
+    previous = DataQualityReport.objects.order_by("-created_at").first()
+    threshold = float(reco("QUALITY_THRESHOLD"))
+    config = quality.QualityConfig(
+        gate=threshold, freshness_max_age_hours=float(reco("FRESHNESS_MAX_AGE_HOURS"))
+    )
+    now = timezone.now()
+    result = quality.assess_quality(
+        staged, now=now, previous=previous.summary if previous else None, thresholds=config
+    )
+    with transaction.atomic():
+        report = DataQualityReport.objects.create(
+            stage_run=stage_run,
+            score=result.score,
+            threshold=threshold,
+            passed=result.passed,
+            checks=_jsonable(result.checks),
+            summary=_jsonable(result.summary),
+        )
+        directory = data_path("reports", "quality", "x").parent
+        html_path = directory / f"quality-{report.pk}.html"
+        json_path = directory / f"quality-{report.pk}.json"
+        html_path.write_text(
+            quality.render_quality_html(result, title=f"Data quality report #{report.pk}", created_at=now),
+            encoding="utf-8",
+        )
+        json_path.write_text(json.dumps(_jsonable(result.to_dict()), indent=2), encoding="utf-8")
+        report.html_path = str(html_path)
+        report.json_path = str(json_path)
+        report.save(update_fields=["html_path", "json_path"])
+    data_path("reports", "quality", "latest.prom").write_text(
+        quality.quality_prometheus_text(result), encoding="utf-8"
+    )
+    failing = [c["name"] for c in result.checks if c["status"] == "fail"]
+    return StageOutcome(
+        rows_in=sum(len(df) for df in staged.values()),
+        detail={"score": round(result.score, 2), "passed": result.passed, "report_id": report.pk, "failing": failing},
+    )
+
+
+def stage_clean(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Clean the staged frames into DATA_DIR/clean with a cleaning report."""
+    staged = frames.read_frames(data_path("staged", "x").parent)
+    cleaner = clean.DataCleaner(now=timezone.now())
+    result = cleaner.clean(staged)
+    out = {"users": result.users, "items": result.items, "interactions": result.interactions}
+    frames.write_frames(data_path("clean", "x").parent, out)
+    report = _jsonable(result.report.to_dict())
+    data_path("clean", "cleaning_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return StageOutcome(
+        rows_in=sum(len(df) for df in staged.values()),
+        rows_out=sum(len(df) for df in out.values()),
+        detail={"cleaning": report},
+    )
+
+
+STAGES: dict[str, Callable[[StageRun, Progress], StageOutcome]] = {
+    Stage.EXTRACT_BUSINESS: stage_extract_business,
+    Stage.EXTRACT_MATOMO: stage_extract_matomo,
+    Stage.CANONICALIZE: stage_canonicalize,
+    Stage.QUALITY: stage_quality,
+    Stage.CLEAN: stage_clean,
+}
+
+
+# --- run bookkeeping ---------------------------------------------------------------------------
+
+def stage_run_execute(
+    *, stage: str, pipeline_run: PipelineRun | None = None, progress: Progress = None
+) -> StageRun:
+    """Run one stage with full bookkeeping; the StageRun row records success or the error.
+
+    Never raises for a stage failure: the caller reads ``status``/``error`` (a failed stage
+    must leave a record an operator can read, not just a traceback in a worker log).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+    stage_run = StageRun.objects.create(
+        pipeline_run=pipeline_run, stage=stage, status=RunStatus.RUNNING, started_at=timezone.now()
+    )
+    started = time.perf_counter()
+    try:
+        outcome = STAGES[stage](stage_run, progress)
+    except Exception as exc:
+        logger.exception("stage %s failed", stage)
+        StageRun.objects.filter(pk=stage_run.pk).update(
+            status=RunStatus.FAILED,
+            finished_at=timezone.now(),
+            error=f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=8)}",
+            detail={"seconds": round(time.perf_counter() - started, 3)},
+        )
+    else:
+        detail = dict(outcome.detail)
+        detail["seconds"] = round(time.perf_counter() - started, 3)
+        StageRun.objects.filter(pk=stage_run.pk).update(
+            status=RunStatus.SKIPPED if "skipped" in detail else RunStatus.SUCCEEDED,
+            finished_at=timezone.now(),
+            rows_in=outcome.rows_in,
+            rows_out=outcome.rows_out,
+            detail=_jsonable(detail),
+        )
+    stage_run.refresh_from_db()
+    return stage_run
+
+
+def pipeline_run_create(*, kind: str = "incremental", triggered_by: str = "manual") -> PipelineRun:
+    """Record a pending pipeline run (the task or command executes it)."""
+    return PipelineRun.objects.create(kind=kind, triggered_by=triggered_by[:64])
+
+
+def pipeline_run_execute(
+    *,
+    run_id: int,
+    stages: tuple[str, ...] = PIPELINE_STAGES,
+    on_stage: Callable[[str], Progress] | None = None,
+) -> PipelineRun | None:
+    """Claim a pending run and execute its stages in order, stopping at the first failure.
+
+    The claim is a conditional UPDATE (pending -> running), so a task delivered twice runs
+    once; a missing or already-claimed run is a silent no-op that returns None.
+    """
+    claimed = PipelineRun.objects.filter(pk=run_id, status=RunStatus.PENDING).update(
+        status=RunStatus.RUNNING, started_at=timezone.now()
+    )
+    if not claimed:
+        return None
+    run = PipelineRun.objects.get(pk=run_id)
+    failed: StageRun | None = None
+    for stage in stages:
+        progress = on_stage(stage) if on_stage else None
+        stage_run = stage_run_execute(stage=stage, pipeline_run=run, progress=progress)
+        if stage_run.status == RunStatus.FAILED:
+            failed = stage_run
+            break
+    PipelineRun.objects.filter(pk=run_id).update(
+        status=RunStatus.FAILED if failed else RunStatus.SUCCEEDED,
+        finished_at=timezone.now(),
+        error=f"stage {failed.stage} failed: {failed.error.splitlines()[0]}" if failed else "",
+    )
+    run.refresh_from_db()
+    return run
+
+
+def quality_gate_check() -> DataQualityReport:
+    """Return the latest quality report if it passes the gate; raise ``QualityGateError`` if not.
+
+    Training calls this first: a report below the threshold (or no report at all) blocks it.
+    """
+    report = DataQualityReport.objects.order_by("-created_at").first()
+    if report is None:
+        raise QualityGateError("no data-quality report exists yet; run the quality stage first")
+    threshold = float(reco("QUALITY_THRESHOLD"))
+    if report.score < threshold:
+        failing = ", ".join(c["name"] for c in report.checks if c.get("status") == "fail") or "none"
+        raise QualityGateError(
+            f"data-quality score {report.score:.1f} is below the threshold {threshold:.1f} "
+            f"(report #{report.pk}; failing checks: {failing})"
+        )
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy/pandas scalars and timestamps into JSON-safe values."""
+    import datetime as dt
+
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, pd.Timestamp | dt.datetime | dt.date):
+        return value.isoformat()
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float) and value != value:
+        return None
+    return value
