@@ -16,6 +16,11 @@ from prometheus_client.registry import Collector
 class PipelineCollector(Collector):
     """Exports the latest data-quality score and its pass/fail state."""
 
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Without describe(), registering calls collect() and touches the database at start-up.
+        yield GaugeMetricFamily("recoplatform_data_quality_score", "")
+        yield GaugeMetricFamily("recoplatform_data_quality_passed", "")
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from apps.pipeline.models import DataQualityReport
 
