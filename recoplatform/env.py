@@ -70,7 +70,9 @@ def env_url(name: str, default: str, *, schemes: tuple[str, ...]) -> str:
     scheme = urlsplit(value).scheme.split("+", 1)[0].lower()
     if scheme not in schemes:
         allowed = ", ".join(f"{s}://" for s in schemes)
-        raise ImproperlyConfigured(f"{name}={value!r} has an unsupported scheme (expected {allowed})")
+        raise ImproperlyConfigured(
+            f"{name}={value!r} has an unsupported scheme (expected {allowed})"
+        )
     return value
 
 
@@ -81,5 +83,7 @@ def env_dir(name: str, default: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ImproperlyConfigured(f"{name}={str(path)!r} cannot be created: {exc.strerror}") from None
+        raise ImproperlyConfigured(
+            f"{name}={str(path)!r} cannot be created: {exc.strerror}"
+        ) from None
     return path

@@ -89,6 +89,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # A file (not Django's shared in-memory database) so that background threads and
+    # subprocesses started by tests can write while the test holds a connection.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test_recoplatform.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Sources, Redis, Celery, MLflow --------------------------------------------------------

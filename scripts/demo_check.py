@@ -58,7 +58,9 @@ def main() -> int:
             if server.poll() is not None:
                 out = server.stdout.read() if server.stdout else ""
                 print(out[-4000:], file=sys.stderr)
-                print(f"demo-check: the server exited with code {server.returncode}", file=sys.stderr)
+                print(
+                    f"demo-check: the server exited with code {server.returncode}", file=sys.stderr
+                )
                 return 1
             try:
                 if fetch(base + "/health", timeout=1)[0] == 200:
@@ -66,7 +68,10 @@ def main() -> int:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                print(f"demo-check: no answer from {base}/health after {args.startup_timeout:.0f}s", file=sys.stderr)
+                print(
+                    f"demo-check: no answer from {base}/health after {args.startup_timeout:.0f}s",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(0.3)
         for path, expected in PROBES:

@@ -13,12 +13,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start(env_overrides: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "CELERY_", "BUSINESS_DB_URL", "MATOMO_DB_URL"))}
-    env.update({"DATA_DIR": str(tmp_path / "data"), "DJANGO_SETTINGS_MODULE": "recoplatform.settings"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("DATABASE_URL", "REDIS_URL", "CELERY_", "BUSINESS_DB_URL", "MATOMO_DB_URL")
+        )
+    }
+    env.update(
+        {"DATA_DIR": str(tmp_path / "data"), "DJANGO_SETTINGS_MODULE": "recoplatform.settings"}
+    )
     env.update(env_overrides)
     return subprocess.run(
         [sys.executable, "manage.py", "check"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -46,9 +46,26 @@ class StageRunInline(admin.TabularInline):
 
 @admin.register(PipelineRun)
 class PipelineRunAdmin(admin.ModelAdmin):
-    list_display = ("id", "kind", "status", "triggered_by", "created_at", "duration", "stage_count", "error_line")
+    list_display = (
+        "id",
+        "kind",
+        "status",
+        "triggered_by",
+        "created_at",
+        "duration",
+        "stage_count",
+        "error_line",
+    )
     list_filter = ("status", "kind")
-    readonly_fields = ("kind", "status", "triggered_by", "created_at", "started_at", "finished_at", "error")
+    readonly_fields = (
+        "kind",
+        "status",
+        "triggered_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "error",
+    )
     inlines = [StageRunInline]
     actions = ["run_pipeline_now"]
     change_list_template = "admin/pipeline/pipelinerun/change_list.html"
@@ -104,7 +121,17 @@ class ExtractionRunInline(admin.TabularInline):
     model = ExtractionRun
     extra = 0
     can_delete = False
-    fields = ("source", "table", "status", "rows_read", "rows_written", "rows_deleted", "watermark_from", "watermark_to", "seconds")
+    fields = (
+        "source",
+        "table",
+        "status",
+        "rows_read",
+        "rows_written",
+        "rows_deleted",
+        "watermark_from",
+        "watermark_to",
+        "seconds",
+    )
     readonly_fields = fields
 
     def has_add_permission(self, request, obj=None) -> bool:
@@ -113,11 +140,30 @@ class ExtractionRunInline(admin.TabularInline):
 
 @admin.register(StageRun)
 class StageRunAdmin(admin.ModelAdmin):
-    list_display = ("id", "stage", "status", "pipeline_run", "started_at", "duration", "rows_in", "rows_out")
+    list_display = (
+        "id",
+        "stage",
+        "status",
+        "pipeline_run",
+        "started_at",
+        "duration",
+        "rows_in",
+        "rows_out",
+    )
     list_filter = ("stage", "status")
     list_select_related = ("pipeline_run",)
     raw_id_fields = ("pipeline_run",)
-    readonly_fields = ("pipeline_run", "stage", "status", "started_at", "finished_at", "rows_in", "rows_out", "detail", "error")
+    readonly_fields = (
+        "pipeline_run",
+        "stage",
+        "status",
+        "started_at",
+        "finished_at",
+        "rows_in",
+        "rows_out",
+        "detail",
+        "error",
+    )
     inlines = [ExtractionRunInline]
 
     @admin.display(description="duration")
@@ -130,9 +176,27 @@ class StageRunAdmin(admin.ModelAdmin):
 
 @admin.register(Watermark)
 class WatermarkAdmin(admin.ModelAdmin):
-    list_display = ("source", "table", "value", "version", "fence_token", "rows_total", "updated_at", "last_reconciled_at")
+    list_display = (
+        "source",
+        "table",
+        "value",
+        "version",
+        "fence_token",
+        "rows_total",
+        "updated_at",
+        "last_reconciled_at",
+    )
     list_filter = ("source",)
-    readonly_fields = ("source", "table", "value", "version", "fence_token", "rows_total", "updated_at", "last_reconciled_at")
+    readonly_fields = (
+        "source",
+        "table",
+        "value",
+        "version",
+        "fence_token",
+        "rows_total",
+        "updated_at",
+        "last_reconciled_at",
+    )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -149,7 +213,17 @@ class ExtractionLockAdmin(admin.ModelAdmin):
 
 @admin.register(ExtractionRun)
 class ExtractionRunAdmin(admin.ModelAdmin):
-    list_display = ("id", "source", "table", "status", "rows_read", "rows_written", "rows_deleted", "seconds", "created_at")
+    list_display = (
+        "id",
+        "source",
+        "table",
+        "status",
+        "rows_read",
+        "rows_written",
+        "rows_deleted",
+        "seconds",
+        "created_at",
+    )
     list_filter = ("source", "status", "table")
     raw_id_fields = ("stage_run",)
     readonly_fields = [f.name for f in ExtractionRun._meta.fields]
@@ -160,10 +234,26 @@ class ExtractionRunAdmin(admin.ModelAdmin):
 
 @admin.register(DataQualityReport)
 class DataQualityReportAdmin(admin.ModelAdmin):
-    list_display = ("id", "created_at", "score_badge", "threshold", "passed", "failing_checks", "report_link")
+    list_display = (
+        "id",
+        "created_at",
+        "score_badge",
+        "threshold",
+        "passed",
+        "failing_checks",
+        "report_link",
+    )
     list_filter = ("passed",)
     raw_id_fields = ("stage_run",)
-    readonly_fields = ("created_at", "score", "threshold", "passed", "report_link", "checks_table", "summary")
+    readonly_fields = (
+        "created_at",
+        "score",
+        "threshold",
+        "passed",
+        "report_link",
+        "checks_table",
+        "summary",
+    )
     exclude = ("checks", "html_path", "json_path")
 
     @admin.display(description="score", ordering="score")
@@ -190,7 +280,10 @@ class DataQualityReportAdmin(admin.ModelAdmin):
         rows = format_html_join(
             "",
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            ((c.get("name"), c.get("status"), c.get("observed"), c.get("message")) for c in obj.checks),
+            (
+                (c.get("name"), c.get("status"), c.get("observed"), c.get("message"))
+                for c in obj.checks
+            ),
         )
         return format_html(
             "<table><thead><tr><th>check</th><th>status</th><th>observed</th><th>message</th></tr></thead>"

@@ -29,7 +29,9 @@ def write_frames(directory: Path, frames: Mapping[str, pd.DataFrame]) -> dict[st
     return paths
 
 
-def read_frames(directory: Path, names: tuple[str, ...] = ("users", "items", "interactions")) -> dict[str, pd.DataFrame]:
+def read_frames(
+    directory: Path, names: tuple[str, ...] = ("users", "items", "interactions")
+) -> dict[str, pd.DataFrame]:
     """Read canonical frames written by ``write_frames``; a missing file is an empty frame."""
     frames = {}
     for name in names:

@@ -28,10 +28,13 @@ class PipelineCollector(Collector):
             "recoplatform_data_quality_score", "Latest data-quality score (0-100)."
         )
         passed = GaugeMetricFamily(
-            "recoplatform_data_quality_passed", "1 if the latest data-quality report passes the gate."
+            "recoplatform_data_quality_passed",
+            "1 if the latest data-quality report passes the gate.",
         )
         try:
-            report = DataQualityReport.objects.order_by("-created_at").only("score", "passed").first()
+            report = (
+                DataQualityReport.objects.order_by("-created_at").only("score", "passed").first()
+            )
         except Exception:  # a scrape must never fail because the database is briefly away
             report = None
         if report is not None:

@@ -69,6 +69,7 @@ class QualityGateError(RuntimeError):
 
 # --- contract and sources ---------------------------------------------------------------------
 
+
 @lru_cache(maxsize=4)
 def _contract_cached(path: str, mtime: float) -> Contract:
     return load_contract(path)
@@ -97,7 +98,7 @@ def sources_check() -> list[str]:
     for name in contract.sources:
         url = source_url(contract, name)
         if url:
-            engines[name] = make_engine(url)
+            engines[name] = make_engine(url, read_only=True)
     try:
         validate_live(contract, engines)
     finally:
@@ -126,14 +127,16 @@ def lake() -> Lake:
 
 # --- stages ----------------------------------------------------------------------------------
 
+
 def _stage_extract(source: str, stage_run: StageRun, progress: Progress) -> StageOutcome:
     contract = get_contract()
     url = source_url(contract, source)
     spec = contract.sources[source]
     if not url:
         return StageOutcome(detail={"skipped": f"{spec.url_setting} is not configured"})
-    engine = make_engine(url)
+    engine = make_engine(url, read_only=True)
     holder = f"{socket.gethostname()}:{os.getpid()}:stage{stage_run.pk}"
+    failed: extract.SourceExtractionFailed | None = None
     try:
         result = extract.extract_source(
             engine,
@@ -147,6 +150,9 @@ def _stage_extract(source: str, stage_run: StageRun, progress: Progress) -> Stag
             progress=progress,
             reconcile=True,
         )
+    except extract.SourceExtractionFailed as exc:
+        # Record what the successful tables did before failing the stage.
+        failed, result = exc, exc.result
     finally:
         engine.dispose()
     rows_read = rows_written = 0
@@ -172,8 +178,21 @@ def _stage_extract(source: str, stage_run: StageRun, progress: Progress) -> Stag
                 "rows_read": table.rows_read,
                 "rows_written": table.rows_written,
                 "rows_deleted": table.rows_deleted,
+                "rows_total": table.rows_total,
                 "seconds": round(table.seconds, 3),
             }
+        for failure in result.failures:
+            ExtractionRun.objects.create(
+                stage_run=stage_run,
+                source=source,
+                table=failure.table,
+                status=RunStatus.FAILED,
+                watermark_from=failure.watermark,
+                watermark_to=failure.watermark,
+                error=f"{failure.error_type}: {failure.error}",
+            )
+    if failed is not None:
+        raise failed
     return StageOutcome(rows_in=rows_read, rows_out=rows_written, detail={"tables": tables})
 
 
@@ -233,7 +252,9 @@ def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcom
         html_path = directory / f"quality-{report.pk}.html"
         json_path = directory / f"quality-{report.pk}.json"
         html_path.write_text(
-            quality.render_quality_html(result, title=f"Data quality report #{report.pk}", created_at=now),
+            quality.render_quality_html(
+                result, title=f"Data quality report #{report.pk}", created_at=now
+            ),
             encoding="utf-8",
         )
         json_path.write_text(json.dumps(_jsonable(result.to_dict()), indent=2), encoding="utf-8")
@@ -246,7 +267,12 @@ def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcom
     failing = [c["name"] for c in result.checks if c["status"] == "fail"]
     return StageOutcome(
         rows_in=sum(len(df) for df in staged.values()),
-        detail={"score": round(result.score, 2), "passed": result.passed, "report_id": report.pk, "failing": failing},
+        detail={
+            "score": round(result.score, 2),
+            "passed": result.passed,
+            "report_id": report.pk,
+            "failing": failing,
+        },
     )
 
 
@@ -258,7 +284,9 @@ def stage_clean(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     out = {"users": result.users, "items": result.items, "interactions": result.interactions}
     frames.write_frames(data_path("clean", "x").parent, out)
     report = _jsonable(result.report.to_dict())
-    data_path("clean", "cleaning_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    data_path("clean", "cleaning_report.json").write_text(
+        json.dumps(report, indent=2), encoding="utf-8"
+    )
     return StageOutcome(
         rows_in=sum(len(df) for df in staged.values()),
         rows_out=sum(len(df) for df in out.values()),
@@ -276,6 +304,7 @@ STAGES: dict[str, Callable[[StageRun, Progress], StageOutcome]] = {
 
 
 # --- run bookkeeping ---------------------------------------------------------------------------
+
 
 def stage_run_execute(
     *, stage: str, pipeline_run: PipelineRun | None = None, progress: Progress = None

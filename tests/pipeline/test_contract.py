@@ -68,7 +68,9 @@ def test_a_missing_file_and_bad_yaml_are_one_line_errors(tmp_path):
         load_contract(bad)
 
 
-def _business_db(path: Path, *, drop_table: str | None = None, user_ddl: str | None = None) -> sa.Engine:
+def _business_db(
+    path: Path, *, drop_table: str | None = None, user_ddl: str | None = None
+) -> sa.Engine:
     engine = sa.create_engine(f"sqlite:///{path}")
     ddl = {
         "user": user_ddl
@@ -111,5 +113,10 @@ def test_live_mismatches_are_explained_in_one_error(tmp_path):
     problems = excinfo.value.problems
     assert "business.task: table 'task' is missing from the business database" in problems
     assert "business.user: column 'city' is missing from user" in problems
-    assert any(p.startswith("business.user.created_at: contract says datetime but the database has VARCHAR(20)") for p in problems)
+    assert any(
+        p.startswith(
+            "business.user.created_at: contract says datetime but the database has VARCHAR(20)"
+        )
+        for p in problems
+    )
     assert "source 'matomo': no database configured (MATOMO_DB_URL)" in problems

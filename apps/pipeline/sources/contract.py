@@ -15,9 +15,18 @@ from typing import Any, Literal
 import sqlalchemy as sa
 import yaml
 
-ColumnType = Literal["integer", "float", "decimal", "string", "text", "datetime", "binary", "boolean"]
+ColumnType = Literal[
+    "integer", "float", "decimal", "string", "text", "datetime", "binary", "boolean"
+]
 COLUMN_TYPES: tuple[str, ...] = (
-    "integer", "float", "decimal", "string", "text", "datetime", "binary", "boolean",
+    "integer",
+    "float",
+    "decimal",
+    "string",
+    "text",
+    "datetime",
+    "binary",
+    "boolean",
 )
 CursorKind = Literal["timestamp", "id"]
 
@@ -100,7 +109,9 @@ def parse_contract(raw: Any, *, where: str = "config/sources.yaml") -> Contract:
     """Validate an already-parsed contract document."""
     problems: list[str] = []
     if not isinstance(raw, dict):
-        raise ContractError(["the document must be a mapping with 'version' and 'sources'"], where=where)
+        raise ContractError(
+            ["the document must be a mapping with 'version' and 'sources'"], where=where
+        )
     if raw.get("version") != 1:
         problems.append(f"version must be 1 (got {raw.get('version')!r})")
     sources_raw = raw.get("sources")
@@ -116,7 +127,7 @@ def parse_contract(raw: Any, *, where: str = "config/sources.yaml") -> Contract:
     if not isinstance(canonical, dict):
         problems.append("'canonical' must be a mapping")
         canonical = {}
-    _check_canonical_refs(canonical, sources, problems)
+    _check_canonical_refs(canonical, _declared_columns(sources_raw), problems)
     if problems:
         raise ContractError(problems, where=where)
     return Contract(sources=sources, canonical=canonical)
@@ -128,7 +139,9 @@ def _parse_source(name: str, raw: Any, problems: list[str]) -> SourceSpec | None
         return None
     url_setting = raw.get("url_setting")
     if not isinstance(url_setting, str) or not url_setting:
-        problems.append(f"sources.{name}.url_setting must name the setting holding the database URL")
+        problems.append(
+            f"sources.{name}.url_setting must name the setting holding the database URL"
+        )
         url_setting = ""
     prefix = raw.get("table_prefix", "") or ""
     tables_raw = raw.get("tables")
@@ -143,7 +156,9 @@ def _parse_source(name: str, raw: Any, problems: list[str]) -> SourceSpec | None
     return SourceSpec(name=name, url_setting=url_setting, table_prefix=str(prefix), tables=tables)
 
 
-def _parse_table(source: str, name: str, prefix: str, raw: Any, problems: list[str]) -> TableSpec | None:
+def _parse_table(
+    source: str, name: str, prefix: str, raw: Any, problems: list[str]
+) -> TableSpec | None:
     where = f"sources.{source}.tables.{name}"
     if not isinstance(raw, dict):
         problems.append(f"{where} must be a mapping")
@@ -179,7 +194,9 @@ def _parse_table(source: str, name: str, prefix: str, raw: Any, problems: list[s
         elif columns and col not in columns:
             problems.append(f"{where}.cursor column {col!r} is not listed in columns")
         elif columns and kind == "timestamp" and columns[col] != "datetime":
-            problems.append(f"{where}.cursor column {col!r} has kind timestamp but type {columns[col]}")
+            problems.append(
+                f"{where}.cursor column {col!r} has kind timestamp but type {columns[col]}"
+            )
         elif columns and kind == "id" and columns[col] != "integer":
             problems.append(f"{where}.cursor column {col!r} has kind id but type {columns[col]}")
         else:
@@ -211,19 +228,31 @@ def _parse_table(source: str, name: str, prefix: str, raw: Any, problems: list[s
     )
 
 
-def _check_canonical_refs(canonical: dict[str, Any], sources: dict[str, SourceSpec], problems: list[str]) -> None:
+def _declared_columns(sources_raw: dict[str, Any]) -> dict[str, set[str]]:
+    """Column names as written, per ``source.table`` - even for tables that failed to parse,
+    so one mistake in a table does not cascade into errors about every mapping that uses it."""
+    declared: dict[str, set[str]] = {}
+    for source, source_raw in sources_raw.items():
+        tables = source_raw.get("tables") if isinstance(source_raw, dict) else None
+        for table, table_raw in (tables or {}).items():
+            columns = table_raw.get("columns") if isinstance(table_raw, dict) else None
+            declared[f"{source}.{table}"] = set(columns) if isinstance(columns, dict) else set()
+    return declared
+
+
+def _check_canonical_refs(
+    canonical: dict[str, Any], declared: dict[str, set[str]], problems: list[str]
+) -> None:
     """Every ``table:`` reference and mapped column in the canonical section must exist."""
 
     def check(where: str, dotted: Any, cols: Iterable[Any]) -> None:
         if not isinstance(dotted, str) or "." not in dotted:
             problems.append(f"{where}.table must be 'source.table' (got {dotted!r})")
             return
-        source, _, table = dotted.partition(".")
-        spec = sources.get(source)
-        if spec is None or table not in spec.tables:
+        known = declared.get(dotted)
+        if known is None:
             problems.append(f"{where}.table {dotted!r} is not a table of the contract")
             return
-        known = spec.tables[table].columns
         for col in cols:
             if col is not None and col not in known:
                 problems.append(f"{where}: column {col!r} is not listed in {dotted}")
@@ -255,6 +284,7 @@ def _check_canonical_refs(canonical: dict[str, Any], sources: dict[str, SourceSp
 
 
 # --- comparison with a live database ----------------------------------------------------------
+
 
 def generic_type(sql_type: sa.types.TypeEngine[Any]) -> str:
     """Map a reflected SQLAlchemy type to a contract type name."""
@@ -315,10 +345,14 @@ def check_live_schema(source: SourceSpec, engine: sa.Engine) -> list[str]:
         inspector = sa.inspect(engine)
         existing = set(inspector.get_table_names())
     except sa.exc.SQLAlchemyError as exc:
-        return [f"source {source.name!r}: cannot connect to read its schema: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"]
+        return [
+            f"source {source.name!r}: cannot connect to read its schema: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
+        ]
     for table in source.tables.values():
         if table.physical not in existing:
-            problems.append(f"{table.key}: table {table.physical!r} is missing from the {source.name} database")
+            problems.append(
+                f"{table.key}: table {table.physical!r} is missing from the {source.name} database"
+            )
             continue
         live = {c["name"]: c for c in inspector.get_columns(table.physical)}
         for col, wanted in table.columns.items():

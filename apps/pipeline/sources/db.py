@@ -13,8 +13,15 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 600
 
 
-def make_engine(url: str, **kwargs: Any) -> sa.Engine:
-    """Create an engine for a source URL (``sqlite:///path`` or ``mysql://user:pw@host/db``)."""
+def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> sa.Engine:
+    """Create an engine for a source URL (``sqlite:///path`` or ``mysql://user:pw@host/db``).
+
+    ``read_only`` opens a SQLite file in read-only mode, so a wrong path fails with "unable to
+    open database file" instead of silently creating an empty database.
+    """
+    if read_only and url.startswith("sqlite:///") and "mode=ro" not in url:
+        path = url[len("sqlite:///") :]
+        url = f"sqlite:///file:{path}?mode=ro&uri=true"
     if url.startswith(("mysql://", "mariadb://")):
         url = "mysql+mysqldb://" + url.split("://", 1)[1]
     if url.startswith("mysql+mysqldb://"):

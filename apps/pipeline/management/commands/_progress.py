@@ -16,7 +16,9 @@ class StageProgress:
 
     def __call__(self, stage: str) -> Callable[[int], None]:
         self.close()
-        self._bar = tqdm(desc=f"{stage:<17}", unit=" rows", unit_scale=True, disable=self.disable, leave=True)
+        self._bar = tqdm(
+            desc=f"{stage:<17}", unit=" rows", unit_scale=True, disable=self.disable, leave=True
+        )
         bar = self._bar
         return bar.update
 

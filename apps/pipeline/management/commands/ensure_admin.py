@@ -24,4 +24,6 @@ class Command(BaseCommand):
         user.set_password(password)
         user.save()
         verb = "created" if created else "reset"
-        self.stdout.write(self.style.SUCCESS(f"Admin user {verb}: username={user.username} password={password}"))
+        self.stdout.write(
+            self.style.SUCCESS(f"Admin user {verb}: username={user.username} password={password}")
+        )

@@ -19,7 +19,9 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         progress = StageProgress(disable=opts["no_progress"])
         try:
-            stage_run = services.stage_run_execute(stage=opts["stage"], progress=progress(opts["stage"]))
+            stage_run = services.stage_run_execute(
+                stage=opts["stage"], progress=progress(opts["stage"])
+            )
         finally:
             progress.close()
         if stage_run.status == RunStatus.FAILED:
