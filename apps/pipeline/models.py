@@ -82,7 +82,9 @@ class StageRun(models.Model):
 class Watermark(models.Model):
     """How far a source table has been extracted.
 
-    ``value`` is the cursor position (JSON: ``{"ts": ..., "pk": [...]}`` or ``{"id": n}``).
+    ``value`` is the cursor position: ``{"kind": "timestamp", "ts": ...}`` (the upper bound of
+    the last window read) or ``{"kind": "id", "id": n}``; ``kind`` lets the extractor refuse a
+    watermark left over from a different cursor type.
     It is only ever changed with a compare-and-set on ``version`` by a holder whose fencing
     token is not older than ``fence_token``, so a stale or concurrent run cannot move it.
     """

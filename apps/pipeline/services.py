@@ -157,8 +157,11 @@ def _stage_extract(source: str, stage_run: StageRun, progress: Progress) -> Stag
         engine.dispose()
     rows_read = rows_written = 0
     tables = {}
+    store = DjangoWatermarkStore()
     with transaction.atomic():
         for table in result.tables:
+            if table.reconciled:
+                store.mark_reconciled(source, table.table)
             ExtractionRun.objects.create(
                 stage_run=stage_run,
                 source=source,
