@@ -120,6 +120,13 @@ def _redact(url: str) -> str:
     return url
 
 
+def _dir(*parts: str) -> Path:
+    """A directory under DATA_DIR, created if missing."""
+    path = Path(settings.DATA_DIR).joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def lake() -> Lake:
     """The raw lake under DATA_DIR/raw."""
     return Lake(Path(settings.DATA_DIR) / "raw")
@@ -221,7 +228,7 @@ def stage_canonicalize(stage_run: StageRun, progress: Progress = None) -> StageO
                 progress(len(raw[spec.key]))
     result = canonical.build_canonical(raw, contract)
     out = {"users": result.users, "items": result.items, "interactions": result.interactions}
-    frames.write_frames(data_path("staged", "x").parent, out)
+    frames.write_frames(_dir("staged"), out)
     rows_in = sum(len(df) for df in raw.values())
     return StageOutcome(
         rows_in=rows_in,
@@ -232,7 +239,9 @@ def stage_canonicalize(stage_run: StageRun, progress: Progress = None) -> StageO
 
 def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     """Score the staged (uncleaned) data and store a DataQualityReport with HTML and JSON."""
-    staged = frames.read_frames(data_path("staged", "x").parent)
+    staged = frames.read_frames(_dir("staged"))
+    if progress:
+        progress(sum(len(df) for df in staged.values()))
     previous = DataQualityReport.objects.order_by("-created_at").first()
     threshold = float(reco("QUALITY_THRESHOLD"))
     config = quality.QualityConfig(
@@ -251,7 +260,7 @@ def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcom
             checks=_jsonable(result.checks),
             summary=_jsonable(result.summary),
         )
-        directory = data_path("reports", "quality", "x").parent
+        directory = _dir("reports", "quality")
         html_path = directory / f"quality-{report.pk}.html"
         json_path = directory / f"quality-{report.pk}.json"
         html_path.write_text(
@@ -281,11 +290,13 @@ def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcom
 
 def stage_clean(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     """Clean the staged frames into DATA_DIR/clean with a cleaning report."""
-    staged = frames.read_frames(data_path("staged", "x").parent)
+    staged = frames.read_frames(_dir("staged"))
+    if progress:
+        progress(sum(len(df) for df in staged.values()))
     cleaner = clean.DataCleaner(now=timezone.now())
     result = cleaner.clean(staged)
     out = {"users": result.users, "items": result.items, "interactions": result.interactions}
-    frames.write_frames(data_path("clean", "x").parent, out)
+    frames.write_frames(_dir("clean"), out)
     report = _jsonable(result.report.to_dict())
     data_path("clean", "cleaning_report.json").write_text(
         json.dumps(report, indent=2), encoding="utf-8"
