@@ -8,6 +8,7 @@ server; docs/CONFIGURATION.md lists them all.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -91,7 +92,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     # A file (not Django's shared in-memory database) so that background threads and
     # subprocesses started by tests can write while the test holds a connection.
-    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test_recoplatform.sqlite3")}
+    # The pid keeps two concurrent test runs on one machine from sharing a database.
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(DATA_DIR / f"test_recoplatform_{os.getpid()}.sqlite3")
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Sources, Redis, Celery, MLflow --------------------------------------------------------

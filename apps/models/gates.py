@@ -1,0 +1,405 @@
+"""Promotion gates: the checks a model version must pass before it serves traffic. Pure core.
+
+Each gate returns a ``GateResult(name, passed, reason)``; ``reason`` always says what was
+measured, so an operator reading a refusal (or an audit row) knows what to fix. A gate that
+could not run for lack of configuration passes with ``skipped=True`` and a reason starting
+with "skipped:".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from apps.models.bundle import manifest_sha256 as compute_manifest_sha256
+from apps.models.bundle import read_manifest, verify_bundle
+
+DATA_QUALITY = "data_quality"
+OFFLINE_METRICS = "offline_metrics"
+ARTIFACT_CHECKSUMS = "artifact_checksums"
+FEATURE_SCHEMA = "feature_schema"
+SMOKE_TEST = "smoke_test"
+# The order gates run in. The smoke test comes last: it loads the bundle, which is only done
+# once its checksums are known to be good.
+ALL_GATES: tuple[str, ...] = (
+    DATA_QUALITY,
+    OFFLINE_METRICS,
+    ARTIFACT_CHECKSUMS,
+    FEATURE_SCHEMA,
+    SMOKE_TEST,
+)
+
+# A scorer takes a request's candidate rows (feature name -> value) and returns one score per
+# row; a loader turns a bundle directory into a scorer.
+Scorer = Callable[[list[dict[str, Any]]], Sequence[float]]
+Loader = Callable[[Path], Scorer]
+FeatureSpec = Mapping[str, Any] | Sequence[Any] | str
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The outcome of one gate."""
+
+    name: str
+    passed: bool
+    reason: str
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- data quality -----------------------------------------------------------------------------
+
+
+def gate_data_quality(score: float | None, *, threshold: float) -> GateResult:
+    """The training data's quality score must reach ``threshold`` (no report is a failure)."""
+    if score is None:
+        return GateResult(DATA_QUALITY, False, "no data-quality report is linked to this version")
+    if not math.isfinite(score) or score < threshold:
+        return GateResult(
+            DATA_QUALITY,
+            False,
+            f"data-quality score {score:.1f} is below the threshold {threshold:.1f}",
+        )
+    return GateResult(
+        DATA_QUALITY, True, f"data-quality score {score:.1f} >= threshold {threshold:.1f}"
+    )
+
+
+# --- offline metrics --------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def gate_offline_metrics(
+    candidate: Mapping[str, Any],
+    primary: Mapping[str, Any] | None,
+    *,
+    tolerances: Mapping[str, float],
+    lower_is_better: Collection[str] = (),
+) -> GateResult:
+    """No metric may be worse than the primary's by more than its relative tolerance.
+
+    ``tolerances`` maps a metric to the largest relative drop allowed (0.02: at most 2% lower
+    than the primary). Only metrics named there and present on the primary are compared; a
+    candidate missing one of them, or holding a non-finite value, fails. Metrics named in
+    ``lower_is_better`` (losses) may not rise by more than their tolerance. No primary passes.
+    """
+    if primary is None:
+        return GateResult(OFFLINE_METRICS, True, "no primary to compare against")
+    problems: list[str] = []
+    compared: list[str] = []
+    for metric, tolerance in sorted(tolerances.items()):
+        reference = _number(primary.get(metric))
+        if reference is None:
+            continue
+        value = _number(candidate.get(metric))
+        if value is None:
+            problems.append(f"{metric} is missing or not a finite number (primary {reference:.4f})")
+            continue
+        compared.append(metric)
+        worse_by = value - reference if metric in lower_is_better else reference - value
+        relative = (
+            worse_by / abs(reference) if reference != 0 else (math.inf if worse_by > 0 else 0.0)
+        )
+        if relative > tolerance:
+            direction = "rose" if metric in lower_is_better else "dropped"
+            problems.append(
+                f"{metric} {direction} {relative:.1%} ({reference:.4f} -> {value:.4f}), "
+                f"more than the {tolerance:.1%} allowed"
+            )
+    if problems:
+        return GateResult(OFFLINE_METRICS, False, "; ".join(problems))
+    if not compared:
+        return GateResult(OFFLINE_METRICS, True, "the primary has none of the gated metrics")
+    return GateResult(
+        OFFLINE_METRICS, True, f"{', '.join(compared)} within tolerance of the primary"
+    )
+
+
+# --- artifact checksums -----------------------------------------------------------------------
+
+
+def gate_artifact_checksums(
+    directory: Path,
+    *,
+    expected_version: str | None = None,
+    expected_manifest_sha256: str | None = None,
+) -> GateResult:
+    """The bundle matches its manifest (``verify_bundle``), and the manifest is the one that
+    was registered: same version string and, when recorded, the same manifest sha256."""
+    problems = verify_bundle(directory)
+    if not problems:
+        if expected_manifest_sha256:
+            actual = compute_manifest_sha256(directory)
+            if actual != expected_manifest_sha256:
+                problems.append("manifest.json changed since registration (sha256 differs)")
+        if expected_version is not None:
+            manifest_version = read_manifest(directory).get("version")
+            if manifest_version != expected_version:
+                problems.append(
+                    f"manifest version {manifest_version!r} is not {expected_version!r}"
+                )
+    if problems:
+        shown = problems[:10]
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        return GateResult(ARTIFACT_CHECKSUMS, False, "; ".join(shown) + more)
+    return GateResult(ARTIFACT_CHECKSUMS, True, "every file matches its manifest checksum")
+
+
+# --- feature schema ---------------------------------------------------------------------------
+
+
+def _normalise(schema: Sequence[FeatureSpec]) -> list[tuple[str, str | None]]:
+    """``{"name", "dtype"}`` mappings, ``(name, dtype)`` pairs or bare names -> (name, dtype)."""
+    out: list[tuple[str, str | None]] = []
+    for spec in schema:
+        if isinstance(spec, str):
+            out.append((spec, None))
+        elif isinstance(spec, Mapping):
+            dtype = spec.get("dtype")
+            out.append((str(spec["name"]), None if dtype is None else str(dtype)))
+        else:
+            name, dtype = spec[0], spec[1] if len(spec) > 1 else None
+            out.append((str(name), None if dtype is None else str(dtype)))
+    return out
+
+
+def gate_feature_schema(
+    model_schema: Sequence[FeatureSpec], serving_schema: Sequence[FeatureSpec] | None
+) -> GateResult:
+    """The model's features are the serving schema's: same names in the same order, and the
+    same dtypes where both sides state one. ``None`` for the serving schema skips the gate."""
+    if serving_schema is None:
+        return GateResult(
+            FEATURE_SCHEMA, True, "skipped: no serving feature schema to compare with", True
+        )
+    model = _normalise(model_schema)
+    serving = _normalise(serving_schema)
+    model_names = [n for n, _ in model]
+    serving_names = [n for n, _ in serving]
+    problems: list[str] = []
+    missing = [n for n in serving_names if n not in model_names]
+    extra = [n for n in model_names if n not in serving_names]
+    if missing:
+        problems.append(f"missing features (serving has, model lacks): {', '.join(missing)}")
+    if extra:
+        problems.append(f"extra features (model has, serving lacks): {', '.join(extra)}")
+    duplicates = sorted({n for n in model_names if model_names.count(n) > 1})
+    if duplicates:
+        problems.append(f"duplicate features: {', '.join(duplicates)}")
+    if not problems and model_names != serving_names:
+        first = next(
+            i for i, (a, b) in enumerate(zip(model_names, serving_names, strict=False)) if a != b
+        )
+        problems.append(
+            f"feature order differs from position {first}: model has "
+            f"{model_names[first]!r}, serving has {serving_names[first]!r}"
+        )
+    if not problems:
+        dtypes = [
+            f"{name} is {a} in the model, {b} in serving"
+            for (name, a), (_, b) in zip(model, serving, strict=False)
+            if a is not None and b is not None and a != b
+        ]
+        if dtypes:
+            problems.append("dtype mismatch: " + ", ".join(dtypes))
+    if problems:
+        return GateResult(FEATURE_SCHEMA, False, "; ".join(problems))
+    return GateResult(FEATURE_SCHEMA, True, f"{len(model)} features match the serving schema")
+
+
+# --- smoke test -------------------------------------------------------------------------------
+
+
+def synthetic_requests(
+    feature_schema: Sequence[FeatureSpec], *, requests: int = 20, rows: int = 10
+) -> list[list[dict[str, Any]]]:
+    """Deterministic sample requests for a smoke test when the bundle ships none.
+
+    Numeric features take small values that vary by row, text features a short string, so a
+    scorer sees realistic types without real data.
+    """
+    schema = _normalise(feature_schema)
+    out: list[list[dict[str, Any]]] = []
+    for r in range(requests):
+        batch = []
+        for i in range(rows):
+            row: dict[str, Any] = {}
+            for j, (name, dtype) in enumerate(schema):
+                kind = (dtype or "float").lower()
+                if "str" in kind or "object" in kind or "categ" in kind:
+                    row[name] = f"v{(r + i + j) % 5}"
+                elif "bool" in kind:
+                    row[name] = (r + i + j) % 2 == 0
+                elif "int" in kind:
+                    row[name] = (r * rows + i + j) % 7
+                else:
+                    row[name] = ((r * rows + i + j) % 11) / 10.0
+            batch.append(row)
+        out.append(batch)
+    return out
+
+
+def p95(values: Sequence[float]) -> float:
+    """95th percentile by the nearest-rank method (an observed value, never interpolated)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def gate_smoke_test(
+    directory: Path,
+    *,
+    load: Loader | None,
+    requests: Sequence[list[dict[str, Any]]],
+    p95_budget_ms: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> GateResult:
+    """Load the bundle, score every sample request, and check the scores and the latency.
+
+    Fails when the loader or the scorer raises, when a request gets the wrong number of
+    scores, when any score is NaN or infinite, or when the p95 latency per request exceeds
+    ``p95_budget_ms``. The first request is scored once untimed as a warm-up (lazy
+    initialisation is not request latency). No loader skips the gate.
+    """
+    if load is None:
+        return GateResult(SMOKE_TEST, True, "skipped: no loader configured", True)
+    if not requests:
+        return GateResult(SMOKE_TEST, False, "no sample requests to score")
+    try:
+        scorer = load(Path(directory))
+    except Exception as exc:
+        return GateResult(SMOKE_TEST, False, f"loader raised {type(exc).__name__}: {exc}")
+    try:
+        scorer(list(requests[0]))
+    except Exception as exc:
+        return GateResult(SMOKE_TEST, False, f"warm-up request raised {type(exc).__name__}: {exc}")
+    latencies: list[float] = []
+    bad: list[tuple[int, int]] = []
+    total = 0
+    for index, request in enumerate(requests):
+        started = clock()
+        try:
+            scores = list(scorer(list(request)))
+        except Exception as exc:
+            return GateResult(
+                SMOKE_TEST, False, f"request {index} raised {type(exc).__name__}: {exc}"
+            )
+        latencies.append((clock() - started) * 1000.0)
+        if len(scores) != len(request):
+            return GateResult(
+                SMOKE_TEST,
+                False,
+                f"request {index} has {len(request)} rows but got {len(scores)} scores",
+            )
+        total += len(scores)
+        for row, score in enumerate(scores):
+            try:
+                finite = math.isfinite(float(score))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                bad.append((index, row))
+    if bad:
+        first_request, first_row = bad[0]
+        return GateResult(
+            SMOKE_TEST,
+            False,
+            f"{len(bad)} of {total} scores are NaN, infinite or not numbers "
+            f"(first at request {first_request}, row {first_row})",
+        )
+    observed = p95(latencies)
+    if observed > p95_budget_ms:
+        return GateResult(
+            SMOKE_TEST,
+            False,
+            f"p95 latency {observed:.1f} ms exceeds the {p95_budget_ms:.1f} ms budget "
+            f"({len(requests)} requests)",
+        )
+    return GateResult(
+        SMOKE_TEST,
+        True,
+        f"{len(requests)} requests scored, p95 {observed:.1f} ms <= {p95_budget_ms:.1f} ms, "
+        "all scores finite",
+    )
+
+
+# --- all gates --------------------------------------------------------------------------------
+
+
+def run_gates(
+    *,
+    bundle_dir: Path,
+    quality_score: float | None,
+    quality_threshold: float,
+    candidate_metrics: Mapping[str, Any],
+    primary_metrics: Mapping[str, Any] | None,
+    metric_tolerances: Mapping[str, float],
+    model_schema: Sequence[FeatureSpec],
+    serving_schema: Sequence[FeatureSpec] | None,
+    load: Loader | None,
+    sample_requests: Sequence[list[dict[str, Any]]],
+    p95_budget_ms: float,
+    expected_version: str | None = None,
+    expected_manifest_sha256: str | None = None,
+    lower_is_better: Collection[str] = (),
+    gates: Collection[str] = ALL_GATES,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[GateResult]:
+    """Run the named gates (all by default) in ``ALL_GATES`` order and return every result.
+
+    Every selected gate runs, so a refusal lists all that is wrong at once, except that the
+    smoke test never loads a bundle whose checksums failed (it fails as "not run" instead).
+    """
+    unknown = set(gates) - set(ALL_GATES)
+    if unknown:
+        raise ValueError(f"unknown gates: {', '.join(sorted(unknown))}")
+    results: list[GateResult] = []
+    checksums_ok = True
+    for name in ALL_GATES:
+        if name not in gates:
+            continue
+        if name == DATA_QUALITY:
+            result = gate_data_quality(quality_score, threshold=quality_threshold)
+        elif name == OFFLINE_METRICS:
+            result = gate_offline_metrics(
+                candidate_metrics,
+                primary_metrics,
+                tolerances=metric_tolerances,
+                lower_is_better=lower_is_better,
+            )
+        elif name == ARTIFACT_CHECKSUMS:
+            result = gate_artifact_checksums(
+                bundle_dir,
+                expected_version=expected_version,
+                expected_manifest_sha256=expected_manifest_sha256,
+            )
+            checksums_ok = result.passed
+        elif name == FEATURE_SCHEMA:
+            result = gate_feature_schema(model_schema, serving_schema)
+        elif load is not None and not checksums_ok:
+            result = GateResult(SMOKE_TEST, False, "not run: the bundle failed its checksum gate")
+        else:
+            result = gate_smoke_test(
+                bundle_dir,
+                load=load,
+                requests=sample_requests,
+                p95_budget_ms=p95_budget_ms,
+                clock=clock,
+            )
+        results.append(result)
+    return results
+
+
+def failed(results: Sequence[GateResult]) -> list[GateResult]:
+    """The gates that did not pass."""
+    return [r for r in results if not r.passed]
