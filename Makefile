@@ -47,8 +47,8 @@ demo-data: venv  ## write the demo business + Matomo databases (SQLite by defaul
 check-sources: venv  ## validate config/sources.yaml against the live source databases
 	$(MANAGE) check_sources
 
-pipeline: venv  ## run every pipeline stage once (extract, canonicalize, quality, clean)
-	$(MANAGE) run_pipeline --triggered-by make
+pipeline: venv  ## run every pipeline stage once (extract, canonicalize, quality, clean, train)
+	$(MANAGE) run_pipeline --kind full --triggered-by make
 
 admin-user: venv  ## create or reset the demo admin user and print its credentials
 	$(MANAGE) ensure_admin

@@ -108,7 +108,10 @@ MATOMO_DB_URL = env_url(
 )
 REDIS_URL = env_url("REDIS_URL", "", schemes=("redis", "rediss", "unix"))
 CELERY_BROKER_URL = env_url("CELERY_BROKER_URL", "", schemes=("redis", "rediss", "amqp", "pyamqp"))
-MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", (DATA_DIR / "mlruns").as_uri())
+# MLflow's file store is in maintenance mode (it refuses to start without an opt-out), so the
+# embedded default is its SQLite backend; artifacts go to DATA_DIR/mlartifacts.
+MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{DATA_DIR / 'mlflow.db'}")
+MLFLOW_ARTIFACT_ROOT = env_str("MLFLOW_ARTIFACT_ROOT", (DATA_DIR / "mlartifacts").as_uri())
 
 # Celery: with no broker configured, tasks run eagerly in the calling process.
 CELERY_TASK_ALWAYS_EAGER = CELERY_BROKER_URL == ""
@@ -131,6 +134,13 @@ RECO = {
     "EXTRACT_LOCK_TTL_SECONDS": env_int("RECO_EXTRACT_LOCK_TTL_SECONDS", 3600, minimum=1),
     # Rows fetched per round trip during extraction.
     "EXTRACT_BATCH_ROWS": env_int("RECO_EXTRACT_BATCH_ROWS", 50_000, minimum=1),
+    # Training options (apps.pipeline.train.trainer.TrainConfig fields).
+    "TRAIN_OPTIONS": {"max_users": env_int("RECO_TRAIN_MAX_USERS", 4000, minimum=10)},
+    # The first model of an empty registry is promoted (through every gate) after training.
+    "AUTO_PROMOTE_FIRST": env_bool("RECO_AUTO_PROMOTE_FIRST", default=True),
+    # Promotion gates (apps/models/gates.py): the smoke test loads bundles with this function.
+    "BUNDLE_LOADER": "apps.pipeline.train.loader.load_scorer",
+    "SMOKE_P95_MS": env_float("RECO_SMOKE_P95_MS", 100.0, minimum=0.1),
 }
 
 # --- Internationalisation, static files ------------------------------------------------------

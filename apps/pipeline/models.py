@@ -23,6 +23,7 @@ class Stage(models.TextChoices):
     CANONICALIZE = "canonicalize", "Map to canonical entities"
     QUALITY = "quality", "Data quality"
     CLEAN = "clean", "Clean"
+    TRAIN = "train", "Train and register a model"
 
 
 class PipelineRun(models.Model):

@@ -52,6 +52,8 @@ PIPELINE_STAGES: tuple[str, ...] = (
     Stage.QUALITY,
     Stage.CLEAN,
 )
+# A full run also trains (daily); the incremental run only ingests (hourly).
+FULL_STAGES: tuple[str, ...] = (*PIPELINE_STAGES, Stage.TRAIN)
 
 
 @dataclass(frozen=True)
@@ -308,12 +310,130 @@ def stage_clean(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     )
 
 
+def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Train a bundle from the clean frames, log it to MLflow and register a candidate version.
+
+    Refuses to start when the latest data-quality report is below the gate. The first model of
+    an empty registry is promoted through the normal gates so serving has a primary.
+    """
+    from apps.models import selectors as model_selectors
+    from apps.models import services as model_services
+    from apps.models.bundle import write_manifest
+    from apps.models.models import EvaluationReport
+    from apps.pipeline import tracking
+    from apps.pipeline.train import report as train_report
+    from apps.pipeline.train import trainer
+    from apps.pipeline.train.loader import load_scorer
+
+    quality_report = quality_gate_check()
+    clean_frames = frames.read_frames(_dir("clean"))
+    if progress:
+        progress(len(clean_frames["interactions"]))
+    now = timezone.now()
+    version = f"v{now:%Y%m%d-%H%M%S}-{stage_run.pk}"
+    bundle_dir = _dir("bundles", version)
+    config = trainer.TrainConfig(**reco("TRAIN_OPTIONS"))
+    result = trainer.train_bundle(clean_frames, config, bundle_dir, log=logger.info)
+    train_report.write_html(
+        bundle_dir / "evaluation.html", result, title=f"Offline evaluation of {version}"
+    )
+    write_manifest(
+        bundle_dir,
+        version=version,
+        created_at=now,
+        data_snapshot={
+            "quality_report_id": quality_report.pk,
+            "quality_score": quality_report.score,
+            "rows": {name: len(df) for name, df in clean_frames.items()},
+            "cutoffs": result.cutoffs,
+        },
+        features=result.feature_schema,
+        params=config.params(),
+        metrics=result.metrics,
+    )
+    warnings = []
+    try:
+        run_id = tracking.log_training_run(
+            version=version,
+            params=config.params(),
+            metrics=result.metrics,
+            bundle_dir=bundle_dir,
+            tags={"quality_report_id": str(quality_report.pk)},
+        )
+    except Exception as exc:  # a tracking outage must not throw away a trained model
+        logger.warning("MLflow logging failed: %s", exc)
+        run_id = ""
+        warnings.append(f"MLflow logging failed: {exc.__class__.__name__}: {exc}")
+    primary = model_selectors.model_version_primary()
+    model_version = model_services.model_version_register(
+        bundle_path=str(bundle_dir),
+        version=version,
+        metrics=_jsonable(result.metrics),
+        feature_schema=result.feature_schema,
+        mlflow_run_id=run_id,
+        quality_report_id=quality_report.pk,
+        actor="pipeline",
+    )
+    k = config.k
+    EvaluationReport.objects.create(
+        model_version=model_version,
+        protocol="time",
+        dataset="clean interactions (time split)",
+        k=k,
+        metrics=_jsonable(result.comparison["ranked"]),
+        per_channel=_jsonable(
+            {n: result.comparison[n] for n in result.channels if n in result.comparison}
+        ),
+        baseline=_jsonable(
+            {
+                n: result.comparison[n]
+                for n in ("popular", "fused", "ranked_logistic")
+                if n in result.comparison
+            }
+        ),
+        compared_to=primary,
+        html_path=str(bundle_dir / "evaluation.html"),
+        json_path=str(bundle_dir / "training.json"),
+    )
+    promoted = False
+    if primary is None and reco("AUTO_PROMOTE_FIRST"):
+        try:
+            model_services.model_version_promote(
+                version_id=model_version.pk,
+                actor="pipeline",
+                reason="first model of an empty registry",
+                loader=load_scorer,
+            )
+            promoted = True
+        except model_services.ModelActionRefused as exc:
+            warnings.append(f"first model not promoted: {exc}")
+    return StageOutcome(
+        rows_in=len(clean_frames["interactions"]),
+        rows_out=result.counts["train_examples"] + result.counts["valid_examples"],
+        detail={
+            "version": version,
+            "model_version_id": model_version.pk,
+            "mlflow_run_id": run_id,
+            "promoted": promoted,
+            f"ndcg@{k}": {
+                n: round(m.get(f"ndcg@{k}", 0.0), 4) for n, m in result.comparison.items()
+            },
+            "ranker": result.ranker_metrics,
+            "skipped_channels": result.skipped_channels,
+            "timings": result.timings,
+            "counts": result.counts,
+            "warnings": warnings,
+        },
+    )
+
+
 STAGES: dict[str, Callable[[StageRun, Progress], StageOutcome]] = {
     Stage.EXTRACT_BUSINESS: stage_extract_business,
     Stage.EXTRACT_MATOMO: stage_extract_matomo,
     Stage.CANONICALIZE: stage_canonicalize,
     Stage.QUALITY: stage_quality,
     Stage.CLEAN: stage_clean,
+    Stage.TRAIN: stage_train,
 }
 
 
@@ -366,7 +486,7 @@ def pipeline_run_create(*, kind: str = "incremental", triggered_by: str = "manua
 def pipeline_run_execute(
     *,
     run_id: int,
-    stages: tuple[str, ...] = PIPELINE_STAGES,
+    stages: tuple[str, ...] | None = None,
     on_stage: Callable[[str], Progress] | None = None,
 ) -> PipelineRun | None:
     """Claim a pending run and execute its stages in order, stopping at the first failure.
@@ -380,6 +500,8 @@ def pipeline_run_execute(
     if not claimed:
         return None
     run = PipelineRun.objects.get(pk=run_id)
+    if stages is None:
+        stages = FULL_STAGES if run.kind == "full" else PIPELINE_STAGES
     failed: StageRun | None = None
     for stage in stages:
         progress = on_stage(stage) if on_stage else None
