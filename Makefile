@@ -28,11 +28,16 @@ system-deps:  ## install the C headers mysqlclient builds against (Debian/Ubuntu
 		echo "system-deps: install the MySQL client headers first: sudo apt-get install libmariadb-dev pkg-config" >&2; exit 1; \
 	fi
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# SEMANTIC=0 skips the semantic recall channel's requirements (torch; the CPU build of
+# torch 2.13.0 is on this project's machines' disk, elsewhere pip would download it).
+SEMANTIC ?= 1
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt requirements-semantic.txt
 	@$(MAKE) --no-print-directory system-deps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
+	@if [ "$(SEMANTIC)" = "1" ]; then $(BIN)/pip install -q -r requirements-semantic.txt; fi
 	@touch $@
 
 venv: $(BIN)/.installed  ## create .venv and install pinned requirements

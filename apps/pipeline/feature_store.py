@@ -76,7 +76,7 @@ class FeatureRows:
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What ``sync_to_redis`` did: ``synced`` (pointer flipped) or ``skipped`` (pointer untouched)."""
+    """What ``sync_to_redis`` did: ``synced`` (pointer flipped) or ``skipped`` (untouched)."""
 
     status: Literal["synced", "skipped"]
     version: str

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -613,25 +613,26 @@ class FeatureBuilder:
             cutoff=cutoff,
             weights=weights,
         )
+        pairs = ev.subset((ev.u >= 0) & (ev.i >= 0))  # rows with a known user and item
         item_table = _aligned(items, "item_id", self.item_ids_)
         user_table = _aligned(users, "user_id", self.user_ids_)
-        self._fit_item_vocabularies(item_table, user_table)
-        user_columns = self._fit_users(ev, user_table)
-        item_columns = self._fit_items(ev, item_table)
-        self.recent_items_ = _recent_items(ev.with_user_and_item(), ev, self.recent_n)
-        self.covisit_ = _covisitation(
-            ev, session_cap=self.session_cap, top_k=self.covisit_top_k
-        )
+        item_price, item_category = self._fit_vocabularies(item_table, user_table)
+        user_columns = self._fit_users(ev, pairs, user_table, item_price, item_category)
+        item_columns = self._fit_items(ev, item_table, item_price, item_category)
+        self.recent_items_ = _recent_items(pairs, self.recent_n)
+        self.covisit_ = _covisitation(ev, session_cap=self.session_cap, top_k=self.covisit_top_k)
         self.user_features_ = _table(user_columns, "user", self.user_ids_, "user_id")
         self.item_features_ = _table(item_columns, "item", self.item_ids_, "item_id")
         self._prepare()
         return self
 
-    def _fit_item_vocabularies(self, item_table: pd.DataFrame, user_table: pd.DataFrame) -> None:
-        """Category/company/tag vocabularies and codes, and the price of every item."""
+    def _fit_vocabularies(
+        self, item_table: pd.DataFrame, user_table: pd.DataFrame
+    ) -> tuple[FloatArray, IntArray]:
+        """Learn category/company/tag vocabularies; return item prices and category codes."""
         category_key = _normalised(_column(item_table, "category"))
         self.categories_ = _vocabulary(category_key)
-        self._fit_item_category = _codes(self.categories_, category_key)
+        item_category = _codes(self.categories_, category_key)
         company_key = _normalised(_column(item_table, "company"))
         self.companies_ = _vocabulary(company_key)
         self.item_company_code_ = _codes(self.companies_, company_key)
@@ -642,10 +643,17 @@ class FeatureBuilder:
         self.item_tags_, self.tags_ = _tag_matrix(_column(item_table, "tags"))
         price = _column(item_table, "price").to_numpy(dtype=np.float64, na_value=np.nan)
         # NaN marks "no price": such items stay out of price statistics instead of counting as 0.
-        self._fit_price = np.where(np.isfinite(price), np.maximum(price, 0.0), np.nan)
+        return np.where(np.isfinite(price), np.maximum(price, 0.0), np.nan), item_category
 
-    def _fit_users(self, ev: _Events, user_table: pd.DataFrame) -> dict[str, FloatArray]:
-        n, price, category = ev.n_users, self._fit_price, self._fit_item_category
+    def _fit_users(
+        self,
+        ev: _Events,
+        pairs: _Events,
+        user_table: pd.DataFrame,
+        price: FloatArray,
+        category: IntArray,
+    ) -> dict[str, FloatArray]:
+        n = ev.n_users
         f: dict[str, FloatArray] = {}
         known = ev.u >= 0
         for window, days in WINDOWS:
@@ -669,7 +677,6 @@ class FeatureBuilder:
         f["user_purchase_value_mean"] = _ratio(spend, f["user_purchases_all"])
         f["user_purchase_value_max"] = _max_by(ev.u[bought], ev.value[bought], n, 0.0)
 
-        pairs = ev.with_user_and_item()
         ru, ri, rw = pairs.u, pairs.i, pairs.strength
         priced = np.isfinite(price[ri])
         pu, pw, pp = ru[priced], rw[priced], price[ri][priced]
@@ -711,8 +718,10 @@ class FeatureBuilder:
         f["user_days_since_signup"] = _days_before(ev.cutoff_ns, signup)
         return f
 
-    def _fit_items(self, ev: _Events, item_table: pd.DataFrame) -> dict[str, FloatArray]:
-        n, price, category = ev.n_items, self._fit_price, self._fit_item_category
+    def _fit_items(
+        self, ev: _Events, item_table: pd.DataFrame, price: FloatArray, category: IntArray
+    ) -> dict[str, FloatArray]:
+        n = ev.n_items
         g: dict[str, FloatArray] = {}
         known = ev.i >= 0  # anonymous visitors count too
         for window, days in WINDOWS:
@@ -828,7 +837,7 @@ class FeatureBuilder:
 
     def _cross(self, u: IntArray, i: IntArray, delta: float) -> dict[str, FloatArray]:
         n = len(u)
-        cols = {name: np.full(n, spec_default(name)) for name in _CROSS_NAMES}
+        cols = {name: np.full(n, _DEFAULTS[name]) for name in _CROSS_NAMES}
         k = np.flatnonzero((u >= 0) & (i >= 0))
         if not len(k):
             return cols
@@ -954,30 +963,30 @@ class FeatureBuilder:
         manifest = json.loads((directory / "features.json").read_text())
         if manifest["feature_schema"] != feature_schema():
             raise ValueError(f"{directory} was built for another feature schema")
-        self = cls(**manifest["params"])
-        self.cutoff_ = pd.Timestamp(manifest["cutoff"])
-        self.categories_ = np.array(manifest["categories"], dtype=object)
-        self.companies_ = np.array(manifest["companies"], dtype=object)
-        self.tags_ = np.array(manifest["tags"], dtype=object)
-        self.price_band_edges_ = np.array(manifest["price_band_edges"], dtype=np.float64)
+        builder = cls(**manifest["params"])
+        builder.cutoff_ = pd.Timestamp(manifest["cutoff"])
+        builder.categories_ = np.array(manifest["categories"], dtype=object)
+        builder.companies_ = np.array(manifest["companies"], dtype=object)
+        builder.tags_ = np.array(manifest["tags"], dtype=object)
+        builder.price_band_edges_ = np.array(manifest["price_band_edges"], dtype=np.float64)
         users = pd.read_parquet(directory / "user_features.parquet").set_index("user_id")
         items = pd.read_parquet(directory / "item_features.parquet").set_index("item_id")
-        self.user_features_, self.item_features_ = users, items
-        self.user_ids_ = users.index.to_numpy(dtype=np.int64)
-        self.item_ids_ = items.index.to_numpy(dtype=np.int64)
+        builder.user_features_, builder.item_features_ = users, items
+        builder.user_ids_ = users.index.to_numpy(dtype=np.int64)
+        builder.item_ids_ = items.index.to_numpy(dtype=np.int64)
         with np.load(directory / "features.npz", allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-        self.item_company_code_ = arrays["item_company_code"]
-        self.user_industry_code_ = arrays["user_industry_code"]
-        self.item_tags_ = _csr_from_arrays("item_tags", arrays)
-        self.user_tags_ = _csr_from_arrays("user_tags", arrays)
-        self.recent_items_ = _csr_from_arrays("recent_items", arrays)
-        self.covisit_ = _csr_from_arrays("covisit", arrays)
-        self.ui_pairs_ = _KeyedValues.from_arrays("ui_pairs", arrays)
-        self.user_category_ = _KeyedValues.from_arrays("user_category", arrays)
-        self.user_company_ = _KeyedValues.from_arrays("user_company", arrays)
-        self._prepare()
-        return self
+        builder.item_company_code_ = arrays["item_company_code"]
+        builder.user_industry_code_ = arrays["user_industry_code"]
+        builder.item_tags_ = _csr_from_arrays("item_tags", arrays)
+        builder.user_tags_ = _csr_from_arrays("user_tags", arrays)
+        builder.recent_items_ = _csr_from_arrays("recent_items", arrays)
+        builder.covisit_ = _csr_from_arrays("covisit", arrays)
+        builder.ui_pairs_ = _KeyedValues.from_arrays("ui_pairs", arrays)
+        builder.user_category_ = _KeyedValues.from_arrays("user_category", arrays)
+        builder.user_company_ = _KeyedValues.from_arrays("user_company", arrays)
+        builder._prepare()
+        return builder
 
     # ---------------------------------------------------------------------- helpers
 
@@ -1032,6 +1041,9 @@ class FeatureBuilder:
             else:
                 cutoff = pd.Timestamp.now(tz="UTC")
             weights = self.weights if self.weights is not None else schema.EVENTS
+        missing_columns = {"user_id", "item_id", "event", "ts"} - set(inter.columns)
+        if missing_columns:
+            raise ValueError(f"interactions lack columns {sorted(missing_columns)}")
         ts = _as_utc(inter["ts"])
         inter = inter[ts.notna() & (ts < cutoff)]
         return inter, items, users, cutoff, weights
@@ -1077,12 +1089,122 @@ _DEFAULT_ROW = np.array([s.default for s in _CATALOGUE], dtype=np.float32)
 
 
 def spec_default(name: str) -> float:
-    """The default value of feature ``name``."""
+    """The catalogue default of feature ``name`` (KeyError for an unknown name)."""
     return _DEFAULTS[name]
 
 
 def _specs(entity: Entity) -> list[FeatureSpec]:
     return [s for s in _CATALOGUE if s.entity == entity]
+
+
+@dataclass(frozen=True)
+class _Events:
+    """Interaction rows before the cutoff as aligned arrays of positions, not ids."""
+
+    u: IntArray  # position in user_ids_; -1 for anonymous rows
+    i: IntArray  # position in item_ids_; -1 for rows without an item (site search)
+    age: FloatArray  # days before the cutoff, > 0
+    day: IntArray  # UTC calendar day, 0 = the first day in the data
+    group: IntArray  # index into EVENT_GROUPS; -1 for other events
+    strength: FloatArray  # 1 + signal weight of the event
+    purchase: npt.NDArray[np.bool_]
+    value: FloatArray
+    actor: IntArray  # user position, or n_users + visitor code; -1 when neither is known
+    session: IntArray  # a session key; -1 when no actor is known
+    n_users: int
+    n_items: int
+    cutoff_ns: int
+
+    @classmethod
+    def build(
+        cls,
+        inter: pd.DataFrame,
+        *,
+        u: IntArray,
+        i: IntArray,
+        n_users: int,
+        n_items: int,
+        cutoff: pd.Timestamp,
+        weights: Mapping[str, float],
+    ) -> _Events:
+        """Encode interaction rows (already cut at the cutoff)."""
+        cutoff_ns = int(cutoff.value)
+        ts_ns = _ns(inter["ts"])
+        day = ts_ns // _DAY_NS
+        day = day - (day.min() if len(day) else 0)
+        day_span = int(day.max()) + 1 if len(day) else 1
+        # Map the few distinct event names once, then gather per row.
+        events = pd.Categorical(inter["event"].astype("object"))
+        names = [str(e) for e in events.categories]
+        group_of = np.array([_group_of(e) for e in names] + [-1], dtype=np.int64)
+        weight_of = np.array([1.0 + float(weights.get(e, 0.0)) for e in names] + [1.0])
+        codes = np.asarray(events.codes, dtype=np.int64)  # -1 (missing) picks the sentinel
+        group = group_of[codes]
+        visitor = pd.factorize(_column(inter, "visitor_id"))[0].astype(np.int64)
+        actor = np.where(u >= 0, u, np.where(visitor >= 0, n_users + visitor, -1))
+        # A session is a Matomo visit, or (actor, UTC day) for rows without session_id.
+        session_codes, session_names = pd.factorize(_column(inter, "session_id"))
+        session_codes = session_codes.astype(np.int64)
+        fallback = len(session_names) + actor * day_span + day
+        session = np.where(session_codes >= 0, session_codes, np.where(actor >= 0, fallback, -1))
+        return cls(
+            u=u,
+            i=i,
+            age=(cutoff_ns - ts_ns) / _DAY_NS,
+            day=day,
+            group=group,
+            strength=weight_of[codes],
+            purchase=group == _GROUP_INDEX["purchases"],
+            value=_column(inter, "value").to_numpy(dtype=np.float64, na_value=0.0),
+            actor=actor,
+            session=session,
+            n_users=n_users,
+            n_items=n_items,
+            cutoff_ns=cutoff_ns,
+        )
+
+    def subset(self, mask: npt.NDArray[np.bool_]) -> _Events:
+        """The rows where ``mask`` holds."""
+        arrays = {
+            f.name: getattr(self, f.name)[mask]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), np.ndarray)
+        }
+        return replace(self, **arrays)
+
+
+def _id_universe(table_ids: pd.Series, row_ids: IntArray) -> IntArray:
+    """Sorted ids of the entity table plus any id the interactions mention."""
+    table = _ids(table_ids)
+    return np.union1d(table[table != _NO_ID], row_ids[row_ids != _NO_ID])
+
+
+def _aligned(frame: pd.DataFrame, key: str, ids: IntArray) -> pd.DataFrame:
+    """``frame`` indexed by ``key``, one row per id of ``ids`` in order (NaN where missing)."""
+    table = frame.drop_duplicates(key, keep="last").copy()
+    table[key] = _ids(table[key])
+    return table.set_index(key).reindex(ids)
+
+
+def _normalised(series: pd.Series) -> pd.Series:
+    """Stripped lower-case strings, NA for missing or blank (category/company/industry keys)."""
+    text = series.astype("string").str.strip().str.lower()
+    return text.mask(text == "")
+
+
+def _vocabulary(keys: pd.Series) -> np.ndarray:
+    return np.array(sorted(keys.dropna().unique()), dtype=object)
+
+
+def _share_matrix(
+    rows: IntArray, codes: IntArray, weights: FloatArray, n_rows: int, n_codes: int
+) -> sp.csr_matrix:
+    """Row-normalised ``rows x (codes - 1)`` weights, ignoring code 0 (unknown)."""
+    known = codes > 0
+    matrix = sp.csr_matrix(
+        (weights[known], (rows[known], codes[known] - 1)), shape=(n_rows, max(n_codes, 1))
+    )
+    return _row_normalise(matrix)
 
 
 class _KeyedValues:
@@ -1214,7 +1336,7 @@ def _codes(vocabulary: np.ndarray, keys: pd.Series) -> IntArray:
     """1-based position of each key in the sorted ``vocabulary``; 0 for None/unknown."""
     if not len(vocabulary):
         return np.zeros(len(keys), dtype=np.int64)
-    values = keys.fillna("").to_numpy(dtype=object)
+    values = keys.astype("object").where(keys.notna(), "").to_numpy(dtype=object)
     pos = np.minimum(np.searchsorted(vocabulary, values), len(vocabulary) - 1)
     return np.where(vocabulary[pos] == values, pos + 1, 0).astype(np.int64)
 
@@ -1323,18 +1445,17 @@ def _tag_matrix(tags: pd.Series) -> tuple[sp.csr_matrix, np.ndarray]:
     return matrix, vocabulary
 
 
-def _recent_items(
-    users: IntArray, items: IntArray, age: FloatArray, n_users: int, n_items: int, n: int
-) -> sp.csr_matrix:
+def _recent_items(pairs: _Events, n: int) -> sp.csr_matrix:
     """Binary user x item matrix of each user's ``n`` most recent distinct items."""
-    order = np.lexsort((age, users))  # per user, most recent first
-    key = users[order] * n_items + items[order]
-    _, first = np.unique(key, return_index=True)
+    order = np.lexsort((pairs.age, pairs.u))  # per user, most recent first
+    users, items = pairs.u[order], pairs.i[order]
+    _, first = np.unique(users * pairs.n_items + items, return_index=True)
     first = np.sort(first)  # back to (user, recency) order, one row per distinct item
-    u, i = users[order][first], items[order][first]
-    rank = _rank_within(u)
-    keep = rank < n
-    return sp.csr_matrix((np.ones(keep.sum()), (u[keep], i[keep])), shape=(n_users, n_items))
+    users, items = users[first], items[first]
+    keep = _rank_within(users) < n
+    return sp.csr_matrix(
+        (np.ones(keep.sum()), (users[keep], items[keep])), shape=(pairs.n_users, pairs.n_items)
+    )
 
 
 def _rank_within(groups: IntArray) -> IntArray:
@@ -1346,19 +1467,12 @@ def _rank_within(groups: IntArray) -> IntArray:
     return np.arange(len(groups)) - np.repeat(first, np.diff(np.r_[first, len(groups)]))
 
 
-def _covisitation(
-    session: IntArray,
-    items: IntArray,
-    age: FloatArray,
-    n_items: int,
-    *,
-    session_cap: int,
-    top_k: int,
-) -> sp.csr_matrix:
+def _covisitation(ev: _Events, *, session_cap: int, top_k: int) -> sp.csr_matrix:
     """Item x item cosine of co-session counts, keeping each row's ``top_k`` neighbours."""
-    ok = (session >= 0) & (items >= 0)
-    s = np.unique(session[ok], return_inverse=True)[1].astype(np.int64)
-    i, a = items[ok], age[ok]
+    n_items = ev.n_items
+    ok = (ev.session >= 0) & (ev.i >= 0)
+    s = np.unique(ev.session[ok], return_inverse=True)[1].astype(np.int64)
+    i, a = ev.i[ok], ev.age[ok]
     order = np.lexsort((a, s))  # per session, most recent first
     key = s[order] * n_items + i[order]
     _, first = np.unique(key, return_index=True)
@@ -1386,7 +1500,7 @@ def _covisitation(
 
 
 def _expand_rows(matrix: sp.csr_matrix, rows: IntArray) -> tuple[IntArray, IntArray]:
-    """The column indices stored in ``matrix[rows]``, with the position in ``rows`` they belong to."""
+    """Column indices stored in ``matrix[rows]``, each with the index in ``rows`` it came from."""
     starts = matrix.indptr[rows].astype(np.int64)
     lengths = matrix.indptr[rows + 1].astype(np.int64) - starts
     owner = np.repeat(np.arange(len(rows)), lengths)
@@ -1490,8 +1604,3 @@ def _csr_from_arrays(prefix: str, arrays: Mapping[str, np.ndarray]) -> sp.csr_ma
         (arrays[f"{prefix}.data"], arrays[f"{prefix}.indices"], arrays[f"{prefix}.indptr"]),
         shape=shape,
     )
-
-
-def feature_matrix_frame(matrix: npt.NDArray[np.float32], names: Sequence[str]) -> pd.DataFrame:
-    """A matrix from ``transform_pairs`` as a labelled frame (for inspection and tests)."""
-    return pd.DataFrame(matrix, columns=list(names))

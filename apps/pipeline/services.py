@@ -364,6 +364,7 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
         logger.warning("MLflow logging failed: %s", exc)
         run_id = ""
         warnings.append(f"MLflow logging failed: {exc.__class__.__name__}: {exc}")
+    feature_sync = _sync_features_to_redis(bundle_dir, version)
     primary = model_selectors.model_version_primary()
     model_version = model_services.model_version_register(
         bundle_path=str(bundle_dir),
@@ -423,8 +424,29 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
             "timings": result.timings,
             "counts": result.counts,
             "warnings": warnings,
+            "feature_sync": feature_sync,
         },
     )
+
+
+def _sync_features_to_redis(bundle_dir: Path, version: str) -> str:
+    """Push the bundle's feature tables to Redis under a versioned key; never fails training.
+
+    With no Redis configured, or Redis down, the bundle's SQLite feature store serves.
+    """
+    if not settings.REDIS_URL:
+        return "skipped: REDIS_URL is not configured (the bundle's SQLite store serves)"
+    from apps.pipeline import feature_store
+    from apps.pipeline.features import FeatureBuilder
+
+    tables = FeatureBuilder.load(bundle_dir / "features").tables()
+    client = feature_store.make_redis_client(settings.REDIS_URL, timeout=2.0)
+    try:
+        result = feature_store.sync_to_redis(client, tables, version)
+    finally:
+        client.close()
+    note = f" ({result.reason})" if result.reason else ""
+    return f"{result.status}: {result.keys_written} keys under version {result.version}{note}"
 
 
 STAGES: dict[str, Callable[[StageRun, Progress], StageOutcome]] = {

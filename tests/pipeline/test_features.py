@@ -27,6 +27,7 @@ from apps.pipeline.features import (
     feature_names,
     feature_schema,
     feature_schema_hash,
+    spec_default,
 )
 from apps.pipeline.lake import Lake
 from apps.pipeline.sources.contract import load_contract
@@ -142,6 +143,9 @@ def test_the_catalogue_declares_recall_columns_for_every_channel():
         assert f"recall_score_{channel}" in names
         assert f"recall_rank_{channel}" in names
     assert len(RECALL_CHANNELS) == 11
+    # and an absent channel reads as "not recalled"
+    assert spec_default("recall_score_itemcf") == 0.0
+    assert spec_default("recall_rank_itemcf") == MISSING_RANK
 
 
 def test_matrix_columns_are_the_catalogue_in_order(builder):

@@ -43,7 +43,11 @@ class TrainingSet:
         inter = frames["interactions"]
         inter = inter[inter["user_id"].notna() & inter["item_id"].notna()]
         if cutoff is None:
-            cutoff = inter["ts"].max() + pd.Timedelta(seconds=1) if len(inter) else pd.Timestamp.now(tz="UTC")
+            cutoff = (
+                inter["ts"].max() + pd.Timedelta(seconds=1)
+                if len(inter)
+                else pd.Timestamp.now(tz="UTC")
+            )
         inter = inter[inter["ts"] < cutoff].copy()
         inter["user_id"] = inter["user_id"].astype("int64")
         inter["item_id"] = inter["item_id"].astype("int64")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from apps.pipeline import evaluate as ev
+from apps.pipeline import feature_store
 from apps.pipeline import features as ft
 from apps.pipeline.train import ranker as rk
 from apps.pipeline.train.base import Candidates, Recaller, TrainingSet
@@ -400,6 +401,11 @@ def train_bundle(
     for name, channel in final_channels.items():
         channel.save(bundle_dir / "recall" / name)
     final_builder.save(bundle_dir / "features")
+    # The offline feature tables as Parquet and as the read-only SQLite store serving falls
+    # back to; the version is the bundle directory's name.
+    tables = final_builder.tables()
+    feature_store.write_parquet(bundle_dir / "feature_tables", tables)
+    feature_store.write_sqlite(bundle_dir / "features.sqlite3", tables, version=bundle_dir.name)
     ranker.save(bundle_dir / "ranker")
     fallback.save(bundle_dir / "ranker_fallback")
     onnx_path = rk.export_onnx(ranker, len(feature_names), bundle_dir / "ranker" / "model.onnx")
