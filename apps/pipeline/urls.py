@@ -9,4 +9,5 @@ app_name = "pipeline"
 urlpatterns = [
     path("reports/quality/<int:pk>/", views.quality_report_html, name="quality-report"),
     path("reports/quality/<int:pk>.json", views.quality_report_json, name="quality-report-json"),
+    path("reports/features/", views.feature_catalogue, name="feature-catalogue"),
 ]

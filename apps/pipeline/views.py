@@ -6,7 +6,7 @@ from pathlib import Path
 
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404
+from django.shortcuts import get_object_or_404, render
 
 from apps.pipeline.models import DataQualityReport
 
@@ -30,3 +30,15 @@ def quality_report_json(request: HttpRequest, pk: int) -> HttpResponse:
     """The quality report as JSON."""
     report = get_object_or_404(DataQualityReport, pk=pk)
     return FileResponse(_report_file(report.json_path).open("rb"), content_type="application/json")
+
+
+@staff_member_required
+def feature_catalogue(request: HttpRequest) -> HttpResponse:
+    """Every feature the ranker sees: name, entity, definition, type (generated from code)."""
+    from apps.pipeline.features import catalogue
+
+    return render(
+        request,
+        "pipeline/feature_catalogue.html",
+        {"features": catalogue(), "title": "Feature catalogue", "site_header": "recoplatform"},
+    )

@@ -226,3 +226,13 @@ def test_metrics_export_the_latest_quality_score(demo_sources, client):
     score = DataQualityReport.objects.get().score
     line = next(ln for ln in body.splitlines() if ln.startswith("recoplatform_data_quality_score "))
     assert float(line.split()[1]) == pytest.approx(score)
+
+
+def test_the_admin_shows_the_feature_catalogue(admin_client):
+    from apps.pipeline.features import catalogue
+
+    page = admin_client.get(reverse("pipeline:feature-catalogue")).content.decode()
+    assert f"Feature catalogue ({len(catalogue())} features)" in page
+    assert "<code>recall_score_itemcf</code>" in page
+    index = admin_client.get(reverse("admin:index")).content.decode()
+    assert reverse("pipeline:feature-catalogue") in index
