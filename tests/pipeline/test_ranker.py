@@ -265,6 +265,25 @@ def test_onnx_export_scores_like_lightgbm(
     assert np.abs(onnx_scores - native).max() < 1e-5
 
 
+def test_a_large_lambdarank_export_stays_within_tolerance(tmp_path: Path) -> None:
+    # given 400 trees with raw scores near 20, where a float32 sum drifts by about 3e-5
+    X, y, groups = ranking_data(150, seed=1, missing=0.05)
+    ranker = LGBMRanker(
+        "lambdarank",
+        n_estimators=400,
+        learning_rate=0.3,
+        num_leaves=15,
+        min_data_in_leaf=5,
+        num_threads=1,
+    ).fit(X, y, groups)
+    assert np.abs(ranker.predict(X)).max() > 10
+    # when exported (in blocks of trees summed in double)
+    path = export_onnx(ranker, N_FEATURES, tmp_path / "model.onnx")
+    # then it still agrees within 1e-5
+    Xt, _, _ = ranking_data(50, seed=21, missing=0.05)
+    assert verify_onnx(path, ranker, Xt) < 1e-5
+
+
 def test_onnx_opset_is_at_most_15(binary: LGBMRanker, tmp_path: Path) -> None:
     import onnx
 
