@@ -12,7 +12,7 @@ DEMO_ITEMS ?= 500
 DEMO_ACTIONS ?= 200000
 DEMO_SEED ?= 42
 
-.PHONY: help system-deps venv migrate demo-data pipeline admin-user demo-setup demo demo-check \
+.PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check \
         test lint format pytest check-sources clean-data benchmarks
 
 help:  ## list targets
@@ -58,7 +58,10 @@ pipeline: venv  ## run every pipeline stage once (extract, canonicalize, quality
 admin-user: venv  ## create or reset the demo admin user and print its credentials
 	$(MANAGE) ensure_admin
 
-demo-setup: venv migrate demo-data check-sources pipeline admin-user
+experiments: venv  ## load the seed experiments from config/experiments.yaml (idempotent)
+	$(MANAGE) experiments_import
+
+demo-setup: venv migrate experiments demo-data check-sources pipeline admin-user
 
 demo: demo-setup  ## fresh clone -> demo data, pipeline, admin user, server on http://$(HOST):$(PORT)/
 	@echo "Serving on http://$(HOST):$(PORT)/admin/ (Ctrl-C to stop)"
