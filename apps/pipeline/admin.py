@@ -24,10 +24,23 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f} s"
 
 
-class StageRunInline(admin.TabularInline):
-    model = StageRun
+class RecordAdmin(admin.ModelAdmin):
+    """Pipeline rows are records of what happened: the pipeline writes them, nobody adds them."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+class RecordInline(admin.TabularInline):
     extra = 0
     can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+class StageRunInline(RecordInline):
+    model = StageRun
     fields = ("stage", "status", "started_at", "duration", "rows_in", "rows_out", "error_line")
     readonly_fields = fields
     ordering = ("id",)
@@ -40,12 +53,9 @@ class StageRunInline(admin.TabularInline):
     def error_line(self, obj: StageRun) -> str:
         return obj.error.splitlines()[0] if obj.error else ""
 
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
 
 @admin.register(PipelineRun)
-class PipelineRunAdmin(admin.ModelAdmin):
+class PipelineRunAdmin(RecordAdmin):
     list_display = (
         "id",
         "kind",
@@ -113,14 +123,9 @@ class PipelineRunAdmin(admin.ModelAdmin):
     def run_pipeline_now(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
         self._queue_run(request)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
 
-
-class ExtractionRunInline(admin.TabularInline):
+class ExtractionRunInline(RecordInline):
     model = ExtractionRun
-    extra = 0
-    can_delete = False
     fields = (
         "source",
         "table",
@@ -134,12 +139,9 @@ class ExtractionRunInline(admin.TabularInline):
     )
     readonly_fields = fields
 
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
 
 @admin.register(StageRun)
-class StageRunAdmin(admin.ModelAdmin):
+class StageRunAdmin(RecordAdmin):
     list_display = (
         "id",
         "stage",
@@ -170,12 +172,9 @@ class StageRunAdmin(admin.ModelAdmin):
     def duration(self, obj: StageRun) -> str:
         return _seconds(obj.duration_seconds)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
 
 @admin.register(Watermark)
-class WatermarkAdmin(admin.ModelAdmin):
+class WatermarkAdmin(RecordAdmin):
     list_display = (
         "source",
         "table",
@@ -198,21 +197,15 @@ class WatermarkAdmin(admin.ModelAdmin):
         "last_reconciled_at",
     )
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
 
 @admin.register(ExtractionLock)
-class ExtractionLockAdmin(admin.ModelAdmin):
+class ExtractionLockAdmin(RecordAdmin):
     list_display = ("name", "holder", "token", "acquired_at", "expires_at")
     readonly_fields = ("name", "holder", "token", "acquired_at", "expires_at")
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
 
 @admin.register(ExtractionRun)
-class ExtractionRunAdmin(admin.ModelAdmin):
+class ExtractionRunAdmin(RecordAdmin):
     list_display = (
         "id",
         "source",
@@ -228,12 +221,9 @@ class ExtractionRunAdmin(admin.ModelAdmin):
     raw_id_fields = ("stage_run",)
     readonly_fields = [f.name for f in ExtractionRun._meta.fields]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
 
 @admin.register(DataQualityReport)
-class DataQualityReportAdmin(admin.ModelAdmin):
+class DataQualityReportAdmin(RecordAdmin):
     list_display = (
         "id",
         "created_at",
@@ -290,6 +280,3 @@ class DataQualityReportAdmin(admin.ModelAdmin):
             "<tbody>{}</tbody></table>",
             rows,
         )
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
