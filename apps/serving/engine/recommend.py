@@ -1,0 +1,199 @@
+"""Recommendation answers over a `ServingSnapshot`: for-you, similar items, popular. Pure core.
+
+Each function returns an `Outcome` `(items, source, reason)` from
+`degrade.recommend_with_fallback`: Redis (when configured) -> the bundle's local store -> the
+snapshot's in-memory popular list. No store error escapes: the chain catches it.
+
+Already-purchased items: the bundle's per-user lists are written with the user's seen items
+already removed at training time (`trainer._write_local_store` ranks recall candidates, which
+exclude seen items), and Redis holds the same lists. Interactions after the bundle was trained
+are not known here; callers may pass them in `exclude`.
+
+Ordering of Redis user lists: Redis stores a user's ranked list split by channel (one hash
+field each, see `publish.py`); merging the fields by descending ranker score restores the
+ranked order of the local store exactly (ties keep channel-name order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from apps.serving.engine.degrade import Deadline, Outcome, StepCounter, recommend_with_fallback
+from apps.serving.engine.redis_store import RedisCandidateStore
+from apps.serving.engine.snapshot import ServingSnapshot
+from apps.serving.engine.sources import Source, StoreUnavailable, Unavailable
+
+POPULAR_CHANNEL = "popular"
+
+
+@dataclass(frozen=True)
+class RecItem:
+    """One recommended item as the response shows it."""
+
+    item_id: int
+    title: str
+    price: float | None
+    score: float
+    channel: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The online stores a request may use besides the snapshot.
+
+    `redis` is None when no Redis is configured (the local store is then the normal source).
+    `redis_published` False means Redis is configured but the snapshot's version is not
+    published there: the Redis step is then counted as unavailable without a round trip.
+    """
+
+    redis: RedisCandidateStore | None = None
+    redis_published: bool = True
+    deadline: Deadline | None = None
+    count: StepCounter | None = None
+
+
+_REASONS = {
+    POPULAR_CHANNEL: "Popular right now",
+    "trending": "Trending this week",
+    "itemcf": "Often bought together with items you viewed",
+    "usercf": "Popular with people like you",
+    "content": "Similar to items you viewed",
+    "semantic": "Related to your interests",
+    "vector": "Related to your interests",
+    "category": "From a category you like",
+    "tag": "Matches topics you follow",
+    "price_band": "In your usual price range",
+    "ease": "Picked for you",
+}
+
+
+def reason_text(channel: str, *, similar_to: int | None = None) -> str:
+    """A short, human explanation of why an item is shown."""
+    if similar_to is not None and channel != POPULAR_CHANNEL:
+        return f"Similar to item {similar_to}"
+    return _REASONS.get(channel, "Recommended for you")
+
+
+def _items(
+    snapshot: ServingSnapshot,
+    pairs: Sequence[tuple[int, float, str]],
+    limit: int,
+    exclude: Collection[int],
+    *,
+    similar_to: int | None = None,
+    category: str | None = None,
+) -> list[RecItem]:
+    out: list[RecItem] = []
+    seen: set[int] = set()
+    for item_id, score, channel in pairs:
+        if item_id in exclude or item_id in seen:
+            continue
+        info = snapshot.catalogue.get(item_id)
+        if category is not None and (info is None or info.category != category):
+            continue
+        seen.add(item_id)
+        out.append(
+            RecItem(
+                item_id=int(item_id),
+                title=info.title if info else "",
+                price=info.price if info else None,
+                score=round(float(score), 6),
+                channel=channel,
+                reason=reason_text(channel, similar_to=similar_to),
+            )
+        )
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _redis_step(
+    stores: Stores, read: Callable[[RedisCandidateStore], list[RecItem]]
+) -> Callable[[], list[RecItem]] | None:
+    """The chain's Redis step, or None when no Redis is configured."""
+    redis_store = stores.redis
+    if redis_store is None:
+        return None
+
+    def step() -> list[RecItem]:
+        if not stores.redis_published:
+            # The version key is missing: Redis cannot answer for this bundle. Counted as
+            # unavailable (not as empty) so the response says it is degraded.
+            raise StoreUnavailable(
+                Unavailable.CONNECTION, f"version {redis_store.version} not published"
+            )
+        return read(redis_store)
+
+    return step
+
+
+def _popular_pairs(snapshot: ServingSnapshot) -> list[tuple[int, float, str]]:
+    return [(i, s, POPULAR_CHANNEL) for i, s in snapshot.popular]
+
+
+def _merge_by_score(lists: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float, str]]:
+    merged = [(i, s, channel) for channel in sorted(lists) for i, s in lists[channel]]
+    merged.sort(key=lambda row: row[1], reverse=True)  # stable: ties keep channel order
+    return merged
+
+
+def for_you(
+    snapshot: ServingSnapshot,
+    stores: Stores,
+    user_id: int,
+    limit: int,
+    exclude: Collection[int] = frozenset(),
+) -> Outcome[RecItem]:
+    """The user's ranked list; an unknown user gets the popular list (reason `empty`, not
+    degraded)."""
+    skip = set(exclude)
+
+    def from_redis(store: RedisCandidateStore) -> list[RecItem]:
+        lists = store.get_user_lists(user_id, snapshot.channels)
+        return _items(snapshot, _merge_by_score(lists), limit, skip)
+
+    return recommend_with_fallback(
+        _redis_step(stores, from_redis),
+        lambda: _items(snapshot, snapshot.local_store.user_recs(user_id), limit, skip),
+        lambda: _items(snapshot, _popular_pairs(snapshot), limit, skip),
+        deadline=stores.deadline,
+        count=stores.count,
+    )
+
+
+def similar(
+    snapshot: ServingSnapshot,
+    stores: Stores,
+    item_id: int,
+    limit: int,
+    exclude: Collection[int] = frozenset(),
+) -> Outcome[RecItem]:
+    """Items similar to `item_id` across channels by score; an unknown item gets popular."""
+    skip = {*exclude, item_id}
+
+    def from_redis(store: RedisCandidateStore) -> list[RecItem]:
+        lists = store.get_similar(item_id)
+        return _items(snapshot, _merge_by_score(lists), limit, skip, similar_to=item_id)
+
+    return recommend_with_fallback(
+        _redis_step(stores, from_redis),
+        lambda: _items(
+            snapshot,
+            _merge_by_score(snapshot.local_store.similar(item_id)),
+            limit,
+            skip,
+            similar_to=item_id,
+        ),
+        lambda: _items(snapshot, _popular_pairs(snapshot), limit, skip),
+        deadline=stores.deadline,
+        count=stores.count,
+    )
+
+
+def popular(snapshot: ServingSnapshot, limit: int, category: str | None = None) -> Outcome[RecItem]:
+    """The snapshot's in-memory popular list, optionally one category. No store is asked, so
+    it is never degraded (an unknown category gives an empty list, not an error)."""
+    items = _items(snapshot, _popular_pairs(snapshot), limit, (), category=category)
+    return Outcome(items, Source.POPULAR, None)

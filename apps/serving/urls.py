@@ -1,0 +1,17 @@
+"""Recommendation API routes, mounted under /api/v1/.
+
+Ids in the path are matched as strings so that a malformed id reaches the input serializer and
+gets the API's 400 JSON, not Django's HTML 404.
+"""
+
+from django.urls import path
+
+from apps.serving import api
+
+app_name = "serving"
+
+urlpatterns = [
+    path("recommendations/for-you", api.ForYouView.as_view(), name="for-you"),
+    path("items/<str:item_id>/similar", api.SimilarView.as_view(), name="similar"),
+    path("popular", api.PopularView.as_view(), name="popular"),
+]
