@@ -408,6 +408,7 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
             promoted = True
         except model_services.ModelActionRefused as exc:
             warnings.append(f"first model not promoted: {exc}")
+    published = _publish_to_redis(bundle_dir, version) if promoted else "skipped: not the primary"
     return StageOutcome(
         rows_in=len(clean_frames["interactions"]),
         rows_out=result.counts["train_examples"] + result.counts["valid_examples"],
@@ -425,8 +426,30 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
             "counts": result.counts,
             "warnings": warnings,
             "feature_sync": feature_sync,
+            "published": published,
         },
     )
+
+
+def _publish_to_redis(bundle_dir: Path, version: str) -> str:
+    """Publish the primary bundle's lists to Redis for serving; never fails training.
+
+    Serving falls back to the bundle's local store while Redis lacks the version.
+    """
+    if not settings.REDIS_URL:
+        return "skipped: REDIS_URL is not configured (serving reads the bundle's local store)"
+    from apps.pipeline.feature_store import make_redis_client
+    from apps.serving.engine.publish import publish_from_bundle
+
+    client = make_redis_client(settings.REDIS_URL, timeout=5.0)
+    try:
+        keys = publish_from_bundle(client, bundle_dir, version)
+    except Exception as exc:  # Redis down: serving uses the local store until the next publish
+        logger.warning("publishing %s to Redis failed: %s", version, exc)
+        return f"failed: {exc.__class__.__name__}: {exc}"
+    finally:
+        client.close()
+    return f"published: {keys} keys under version {version}"
 
 
 def _sync_features_to_redis(bundle_dir: Path, version: str) -> str:

@@ -79,7 +79,11 @@ def test_a_full_run_trains_registers_and_promotes_the_first_model(trained, data_
     assert trained.detail["feature_sync"].startswith("synced:"), trained.detail["feature_sync"]
     import redis
 
-    assert redis.Redis.from_url(redis_url).get("reco:feat:current").decode() == version.version
+    client = redis.Redis.from_url(redis_url)
+    assert client.get("reco:feat:current").decode() == version.version
+    # and the promoted bundle's lists were published for serving, pointer last
+    assert trained.detail["published"].startswith("published:"), trained.detail["published"]
+    assert client.get("reco:current").decode() == version.version
     # and an evaluation report compares the channels
     report = EvaluationReport.objects.get(model_version=version)
     assert "popular" in report.baseline

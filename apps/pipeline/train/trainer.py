@@ -413,6 +413,9 @@ def train_bundle(
     onnx_diff = rk.verify_onnx(onnx_path, ranker, sample, atol=1e-5)
     metrics["onnx_max_abs_diff"] = float(onnx_diff)
     write_smoke_requests(bundle_dir, matrices["valid"], feature_names)
+    # The catalogue serving shows with each recommendation (title, price, category).
+    catalogue = frames["items"][["item_id", "title", "price", "category", "is_active"]].copy()
+    catalogue.to_parquet(bundle_dir / "items.parquet", index=False)
     lap("save_artifacts")
     _write_local_store(
         bundle_dir / "store.sqlite3", final_channels, final_builder, ranker, frames, config, full
