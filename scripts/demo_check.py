@@ -25,8 +25,8 @@ PROBES: list[tuple[str, str]] = [
     ("/ready", '"status": "ready"'),
     ("/admin/login/", "Django"),
     ("/metrics", "python_info"),
-    ("/api/v1/popular?limit=5", '"items": [{'),
-    ("/api/v1/recommendations/for-you?user_id=1&limit=5", '"model_version": "v'),
+    ("/api/v1/popular?limit=5", '"items":[{'),
+    ("/api/v1/recommendations/for-you?user_id=1&limit=5", '"degraded":false'),
     ("/api/v1/items/1/similar?limit=5", '"request_id"'),
 ]
 
