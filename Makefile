@@ -13,7 +13,7 @@ DEMO_ACTIONS ?= 200000
 DEMO_SEED ?= 42
 
 .PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check \
-        test lint format pytest check-sources clean-data benchmarks
+        test lint format pytest check-sources clean-data benchmarks quality
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -86,6 +86,10 @@ test: lint pytest  ## ruff + the whole test suite
 benchmarks: venv  ## pipeline benchmarks (long; results in benchmarks/results/)
 	$(BIN)/python -m benchmarks.extract_throughput
 	$(BIN)/python -m benchmarks.demo_data --actions 5000000
+
+quality: venv  ## recommendation quality: UCI Online Retail (stratified) + demo data (time, stratified); JSON in benchmarks/results/
+	$(BIN)/python -m benchmarks.quality --dataset uci
+	$(BIN)/python -m benchmarks.quality --dataset demo
 
 clean-data:  ## remove the local data directory (var/)
 	rm -rf var
