@@ -410,8 +410,16 @@ def train_bundle(
     fallback.save(bundle_dir / "ranker_fallback")
     onnx_path = rk.export_onnx(ranker, len(feature_names), bundle_dir / "ranker" / "model.onnx")
     sample = matrices["valid"][: min(500, len(matrices["valid"]))]
-    onnx_diff = rk.verify_onnx(onnx_path, ranker, sample, atol=1e-5)
-    metrics["onnx_max_abs_diff"] = float(onnx_diff)
+    try:
+        metrics["onnx_max_abs_diff"] = float(rk.verify_onnx(onnx_path, ranker, sample, atol=1e-5))
+        metrics["onnx_verified"] = 1.0
+    except rk.OnnxMismatchError as exc:
+        # Seen on small models: a few rows whose feature equals a split threshold that ONNX
+        # stores in float32 fall on the other side. Ship no ONNX file rather than a scorer that
+        # disagrees; serving then scores with native LightGBM.
+        onnx_path.unlink()
+        metrics["onnx_verified"] = 0.0
+        say(f"ONNX export not shipped: {exc}")
     write_smoke_requests(bundle_dir, matrices["valid"], feature_names)
     # The catalogue serving shows with each recommendation (title, price, category).
     catalogue = frames["items"][["item_id", "title", "price", "category", "is_active"]].copy()

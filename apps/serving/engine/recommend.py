@@ -9,17 +9,27 @@ already removed at training time (`trainer._write_local_store` ranks recall cand
 exclude seen items), and Redis holds the same lists. Interactions after the bundle was trained
 are not known here; callers may pass them in `exclude`.
 
-Ordering of Redis user lists: Redis stores a user's ranked list split by channel (one hash
-field each, see `publish.py`); merging the fields by descending ranker score restores the
-ranked order of the local store exactly (ties keep channel-name order).
+Ordering of Redis user lists: Redis stores a user's candidate lists split by channel (one
+hash field each). When the snapshot has a ranker (`snapshot.ranker`, bundles with `features/`
+and `ranker/`), for-you fuses those lists (`recall.fuse`, weighted RRF with the snapshot's or
+the caller's channel weights, 1.0 by default) into up to `rank.MAX_CANDIDATES` candidates,
+re-ranks them with the ranker and returns the top `limit`; a failing or too slow ranker keeps
+the fused (recall) order and is reported through `on_ranker_failed` (the response labels it
+`ranker_failed`; not an error, not a fallback step). Without a ranker (older or test bundles)
+the fields are merged by descending score, which restores the ranked order of a bundle whose
+store lists were published (`publish.py`; ties keep channel-name order). Lists from the local
+store are final ranked answers and are served as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import pandas as pd
+
 from apps.serving.engine.degrade import Deadline, Outcome, StepCounter, recommend_with_fallback
+from apps.serving.engine.rank import MAX_CANDIDATES, fuse_lists
 from apps.serving.engine.redis_store import RedisCandidateStore
 from apps.serving.engine.snapshot import ServingSnapshot
 from apps.serving.engine.sources import Source, StoreUnavailable, Unavailable
@@ -139,20 +149,66 @@ def _merge_by_score(lists: dict[str, list[tuple[int, float]]]) -> list[tuple[int
     return merged
 
 
+def rank_candidates(
+    snapshot: ServingSnapshot,
+    user_id: int,
+    lists: Mapping[str, list[tuple[int, float]]],
+    *,
+    channel_weights: Mapping[str, float] | None = None,
+    now: pd.Timestamp | None = None,
+    deadline: Deadline | None = None,
+    on_ranker_failed: Callable[[str], None] | None = None,
+) -> list[tuple[int, float, str]]:
+    """Per-channel candidate lists in serving order: fused and re-ranked when the snapshot has
+    a ranker (recall order if it fails), merged by score when it has none."""
+    ranker = snapshot.ranker
+    if ranker is None:
+        return _merge_by_score(lists)
+    weights = snapshot.channel_weights if channel_weights is None else channel_weights
+    candidates = fuse_lists(lists, weights, MAX_CANDIDATES)
+    budget = ranker.budget_s
+    if deadline is not None:
+        budget = min(budget, deadline.remaining())
+    when = pd.Timestamp.now(tz="UTC") if now is None else now
+    result = ranker.rank(user_id, candidates, when, budget_s=budget)
+    if result.failed and on_ranker_failed is not None:
+        on_ranker_failed(result.error or "ranker_failed")
+    return result.items
+
+
 def for_you(
     snapshot: ServingSnapshot,
     stores: Stores,
     user_id: int,
     limit: int,
     exclude: Collection[int] = frozenset(),
+    *,
+    channel_weights: Mapping[str, float] | None = None,
+    now: pd.Timestamp | None = None,
+    on_ranker_failed: Callable[[str], None] | None = None,
 ) -> Outcome[RecItem]:
     """The user's ranked list; an unknown user gets the popular list (reason `empty`, not
-    degraded)."""
+    degraded).
+
+    Redis candidate lists are fused and re-ranked when the snapshot has a ranker (see the
+    module docstring): `channel_weights` overrides the snapshot's (an experiment variant),
+    `now` is the request time for the features (default: the wall clock), and
+    `on_ranker_failed(error)` is called when the ranker failed and recall order was kept.
+    """
     skip = set(exclude)
 
     def from_redis(store: RedisCandidateStore) -> list[RecItem]:
         lists = store.get_user_lists(user_id, snapshot.channels)
-        return _items(snapshot, _merge_by_score(lists), limit, skip)
+        ordered = rank_candidates(
+            snapshot,
+            user_id,
+            lists,
+            channel_weights=channel_weights,
+            now=now,
+            deadline=stores.deadline,
+            on_ranker_failed=on_ranker_failed,
+        )
+        return _items(snapshot, ordered, limit, skip)
 
     return recommend_with_fallback(
         _redis_step(stores, from_redis),

@@ -8,6 +8,11 @@ Item catalogue: read from the bundle's feature tables (`features/item_features.p
 price, `features/features.json` for the category names). Bundles carry no titles yet; when a
 bundle has an `items.parquet` (item_id, title, price, category), it is preferred, so the
 pipeline can add titles without a serving change. Unknown values are "" / None.
+
+Ranker: a bundle with `features/` and `ranker/` gets a `rank.Ranker`, loaded and smoke-tested
+here (a failing one refuses the bundle); older or test bundles without them get None, and
+for-you then serves the candidate lists without re-ranking. Channel weights for fusing Redis
+candidate lists come from `training.json` (`config.weight_<channel>`), 1.0 when absent.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -24,9 +31,11 @@ import numpy.typing as npt
 import pandas as pd
 
 from apps.serving.engine.local_store import LocalStore
+from apps.serving.engine.rank import Ranker, has_ranker
 
 STORE_FILE = "store.sqlite3"
 ITEMS_FILE = "items.parquet"
+TRAINING_FILE = "training.json"
 # The popular list is held in memory: it is the last step of the chain and must answer even
 # when the local store file cannot be read. 500 covers limit=100 after a category filter on a
 # typical catalogue of ten categories.
@@ -88,6 +97,10 @@ class ServingSnapshot:
     # Channels that appear in the ranked user lists: the Redis per-user hash is read with
     # these field names.
     channels: tuple[str, ...] = field(default=())
+    # The bundle's re-ranker (None: no features/ or ranker/ in the bundle) and the channel
+    # weights for fusing per-channel candidate lists (absent channel: 1.0).
+    ranker: Ranker | None = None
+    channel_weights: Mapping[str, float] = field(default_factory=dict)
 
     def close(self) -> None:
         """Release the local store's connections (after a swap)."""
@@ -145,13 +158,32 @@ def _read_channels(store_path: Path) -> tuple[str, ...]:
     return tuple(sorted(str(c) for (c,) in rows if c is not None))
 
 
+def _read_channel_weights(bundle_dir: Path) -> dict[str, float]:
+    """`config.weight_<channel>` of `training.json`; empty (all 1.0) when there is none."""
+    path = bundle_dir / TRAINING_FILE
+    if not path.is_file():
+        return {}
+    config: dict[str, Any] = json.loads(path.read_text()).get("config", {})
+    return {
+        key.removeprefix("weight_"): float(value)
+        for key, value in config.items()
+        if key.startswith("weight_")
+    }
+
+
 def load_snapshot(
-    bundle_dir: str | Path, version: str, *, popular_size: int = POPULAR_SIZE
+    bundle_dir: str | Path,
+    version: str,
+    *,
+    popular_size: int = POPULAR_SIZE,
+    load_ranker: bool = True,
 ) -> ServingSnapshot:
     """Build the snapshot of the bundle at `bundle_dir`; `SnapshotError` when it cannot serve.
 
     Reading the popular list and the channels doubles as the smoke test of the store: a
-    bundle whose store cannot be read is refused here, before any request sees it.
+    bundle whose store cannot be read is refused here, before any request sees it. So does
+    the ranker's smoke check (a few rows scored, all finite) when the bundle has a ranker;
+    `load_ranker=False` skips it (the snapshot then serves without re-ranking).
     """
     bundle = Path(bundle_dir)
     store_path = bundle / STORE_FILE
@@ -162,7 +194,9 @@ def load_snapshot(
         popular = tuple(store.popular(popular_size))
         channels = _read_channels(store_path)
         catalogue = _read_catalogue(bundle)
-    except Exception as exc:
+        weights = _read_channel_weights(bundle)
+        ranker = Ranker.load(bundle) if load_ranker and has_ranker(bundle) else None
+    except Exception as exc:  # RankerLoadError included
         store.close()
         raise SnapshotError(f"cannot load bundle {version} from {bundle}: {exc}") from exc
     return ServingSnapshot(
@@ -172,4 +206,6 @@ def load_snapshot(
         popular=popular,
         catalogue=catalogue,
         channels=channels,
+        ranker=ranker,
+        channel_weights=weights,
     )
