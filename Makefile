@@ -11,8 +11,9 @@ DEMO_USERS ?= 2000
 DEMO_ITEMS ?= 500
 DEMO_ACTIONS ?= 200000
 DEMO_SEED ?= 42
+PROM_DIR ?= var/prometheus
 
-.PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check \
+.PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve \
         test lint format pytest check-sources clean-data benchmarks quality
 
 help:  ## list targets
@@ -66,6 +67,12 @@ demo-setup: venv migrate experiments demo-data check-sources pipeline admin-user
 demo: demo-setup  ## fresh clone -> demo data, pipeline, admin user, server on http://$(HOST):$(PORT)/
 	@echo "Serving on http://$(HOST):$(PORT)/admin/ (Ctrl-C to stop)"
 	$(MANAGE) runserver $(HOST):$(PORT)
+
+serve: venv  ## production server (gunicorn, one sync worker per core) on $(HOST):$(PORT)
+	@rm -rf $(PROM_DIR) && mkdir -p $(PROM_DIR)
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-0} DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-local-serve-key-change-me} \
+	PROMETHEUS_MULTIPROC_DIR=$(PROM_DIR) RECO_BIND=$(HOST):$(PORT) \
+	$(BIN)/gunicorn -c gunicorn.conf.py recoplatform.wsgi:application
 
 demo-check: demo-setup  ## the demo, unattended: start the server, probe it, stop it
 	$(BIN)/python scripts/demo_check.py --host $(HOST) --port $(PORT)

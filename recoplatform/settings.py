@@ -34,6 +34,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    # Swagger UI's static files, served locally: the network is closed here.
+    "drf_spectacular_sidecar",
     "django_celery_beat",
     "django_prometheus",
     "apps.pipeline",
@@ -43,6 +47,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -50,6 +55,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "recoplatform.urls"
@@ -141,6 +147,8 @@ RECO = {
     # Promotion gates (apps/models/gates.py): the smoke test loads bundles with this function.
     "BUNDLE_LOADER": "apps.pipeline.train.loader.load_scorer",
     "SMOKE_P95_MS": env_float("RECO_SMOKE_P95_MS", 100.0, minimum=0.1),
+    # Exposure log (JSON lines, size-rotated); feedback.jsonl and audit.jsonl sit beside it.
+    "EXPOSURE_LOG": env_str("RECO_EXPOSURE_LOG", str(DATA_DIR / "exposures" / "exposures.jsonl")),
 }
 
 # --- Internationalisation, static files ------------------------------------------------------
@@ -152,7 +160,18 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 
 REST_FRAMEWORK = {
-    "DEFAULT_SCHEMA_CLASS": "rest_framework.schemas.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "recoplatform API",
+    "DESCRIPTION": "Recommendations, feedback, assignments and serving administration.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Offline: Swagger UI from drf-spectacular-sidecar's bundled files, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {

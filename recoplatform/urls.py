@@ -2,14 +2,21 @@
 
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.serving import views as serving_views
+from apps.serving.baseline import BaselineView
+from recoplatform.metrics import metrics
 
 urlpatterns = [
     path("health", serving_views.health, name="health"),
     path("ready", serving_views.ready, name="ready"),
     path("admin/", admin.site.urls),
+    # Benchmark baseline (benchmarks/serving_load.py); hidden from the API schema.
+    path("api/v1/_baseline", BaselineView.as_view(), name="baseline"),
     path("api/v1/", include("apps.serving.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("", include("apps.pipeline.urls")),
-    path("", include("django_prometheus.urls")),
+    path("metrics", metrics, name="prometheus-django-metrics"),
 ]

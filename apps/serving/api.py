@@ -8,11 +8,15 @@ and the response says so (`degraded`, `degrade_reason`, `source`).
 from __future__ import annotations
 
 import logging
-import re
+import os
+import time
 import uuid
 from typing import Any
 
+from django.contrib import auth
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -20,24 +24,34 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.experiments.choices import Scene
+from apps.models.selectors import model_version_serving_state
+from apps.serving import metrics
+from apps.serving.auth import ADMIN_AUTHENTICATION, IsStaffWithReloadPermission
 from apps.serving.engine import recommend
 from apps.serving.engine.degrade import Outcome
 from apps.serving.engine.recommend import RecItem
 from apps.serving.engine.snapshot import ServingSnapshot
+from apps.serving.exposure import AUDIT, EXPOSURES, FEEDBACK, get_writer
 from apps.serving.serializers import (
+    SANE_TOKEN,
+    AssignmentInput,
+    AssignmentOutput,
+    ErrorOutput,
+    FeedbackAcceptedOutput,
+    FeedbackInput,
     ForYouInput,
     PopularInput,
     RecommendationOutput,
+    ReloadOutput,
     SimilarInput,
 )
 from apps.serving.state import Current, get_state
 
-exposure_log = logging.getLogger("apps.serving.exposure")
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "HTTP_X_REQUEST_ID"
-# A client's request id is echoed only when it is a short, printable token: it ends up in log
-# lines and response headers, so no spaces, newlines or markup.
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# A client's request id is echoed only when it is a short, printable token (SANE_TOKEN): it
+# ends up in log lines and response headers, so no spaces, newlines or markup.
 DEFAULT_VARIANT = "default"
 # Not a `Reason` of the chain: there is no bundle to ask at all (an empty registry, or the
 # primary's bundle never loaded).
@@ -47,7 +61,7 @@ NO_MODEL = "no_model"
 def request_id(request: Request) -> str:
     """The client's X-Request-ID when it is a sane token, else a new uuid4."""
     given = request.META.get(REQUEST_ID_HEADER, "")
-    return given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if SANE_TOKEN.match(given) else uuid.uuid4().hex
 
 
 def invalid(errors: Any, request_id_: str) -> Response:
@@ -57,6 +71,23 @@ def invalid(errors: Any, request_id_: str) -> Response:
         status=400,
         headers={"X-Request-ID": request_id_},
     )
+
+
+BAD_REQUEST = OpenApiResponse(ErrorOutput, description="Invalid input (`invalid_request`).")
+REQUEST_ID_PARAMETER = OpenApiParameter(
+    "X-Request-ID",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="Echoed when it is a short printable token; otherwise a new id is made.",
+)
+LIMIT_PARAMETERS = [
+    OpenApiParameter("limit", OpenApiTypes.INT, description="1..100, default 10."),
+    OpenApiParameter(
+        "visitor_id", OpenApiTypes.STR, description="Anonymous visitor id (logged only)."
+    ),
+    REQUEST_ID_PARAMETER,
+]
 
 
 class RecommendationView(APIView):
@@ -78,6 +109,12 @@ class RecommendationView(APIView):
         return data.get("user_id")
 
     def respond(self, request: Request, params: dict[str, Any]) -> Response:
+        started = time.perf_counter()
+        response = self._respond(request, params, started)
+        metrics.observe_request(self.scene, response.status_code, time.perf_counter() - started)
+        return response
+
+    def _respond(self, request: Request, params: dict[str, Any], started: float) -> Response:
         rid = request_id(request)
         form = self.input_class(data=params)
         if not form.is_valid():
@@ -112,16 +149,34 @@ class RecommendationView(APIView):
                 "degrade_reason": str(outcome.reason) if outcome.degraded else None,
                 "items": [item.__dict__ for item in outcome.items],
             }
-        exposure_log.info(
-            "exposure scene=%s request_id=%s variant=%s model_version=%s source=%s items=%d",
-            self.scene,
-            rid,
-            variant,
-            body["model_version"],
-            body["source"],
-            len(body["items"]),
-        )
+        metrics.set_model_version(body["model_version"])
+        if body["degraded"]:
+            metrics.observe_degraded(body["degrade_reason"])
+        self.log_exposure(body, data, started)
         return Response(RecommendationOutput(body).data, headers={"X-Request-ID": rid})
+
+    def log_exposure(self, body: dict[str, Any], data: dict[str, Any], started: float) -> None:
+        """Queue the exposure line (never blocks; a full queue drops and counts it)."""
+        get_writer().submit(
+            EXPOSURES,
+            {
+                "ts": timezone.now().isoformat(),
+                "request_id": body["request_id"],
+                "user_id": data.get("user_id"),
+                "visitor_id": data.get("visitor_id"),
+                "scene": self.scene,
+                "variant": body["variant"],
+                "model_version": body["model_version"],
+                "degraded": body["degraded"],
+                "degrade_reason": body["degrade_reason"],
+                "source": body["source"],
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                "items": [
+                    {"item_id": item["item_id"], "position": position, "channel": item["channel"]}
+                    for position, item in enumerate(body["items"], start=1)
+                ],
+            },
+        )
 
 
 class ForYouView(RecommendationView):
@@ -131,6 +186,15 @@ class ForYouView(RecommendationView):
     input_class = ForYouInput
     scene = Scene.FOR_YOU
 
+    @extend_schema(
+        operation_id="recommendations_for_you",
+        summary="Personalised recommendations for a user",
+        parameters=[
+            OpenApiParameter("user_id", OpenApiTypes.INT, required=True, description="1..2^63-1"),
+            *LIMIT_PARAMETERS,
+        ],
+        responses={200: RecommendationOutput, 400: BAD_REQUEST},
+    )
     def get(self, request: Request) -> Response:
         return self.respond(request, request.query_params.dict())
 
@@ -147,6 +211,20 @@ class SimilarView(RecommendationView):
     input_class = SimilarInput
     scene = Scene.SIMILAR
 
+    @extend_schema(
+        operation_id="items_similar",
+        summary="Items similar to an item",
+        parameters=[
+            OpenApiParameter(
+                "item_id", OpenApiTypes.INT, OpenApiParameter.PATH, description="1..2^63-1"
+            ),
+            OpenApiParameter(
+                "user_id", OpenApiTypes.INT, description="For experiment bucketing (optional)."
+            ),
+            *LIMIT_PARAMETERS,
+        ],
+        responses={200: RecommendationOutput, 400: BAD_REQUEST},
+    )
     def get(self, request: Request, item_id: str) -> Response:
         return self.respond(request, {**request.query_params.dict(), "item_id": item_id})
 
@@ -162,6 +240,15 @@ class PopularView(RecommendationView):
     input_class = PopularInput
     scene = Scene.POPULAR
 
+    @extend_schema(
+        operation_id="popular",
+        summary="Popular items, optionally within one category",
+        parameters=[
+            OpenApiParameter("category", OpenApiTypes.STR, description="Category name."),
+            *LIMIT_PARAMETERS,
+        ],
+        responses={200: RecommendationOutput, 400: BAD_REQUEST},
+    )
     def get(self, request: Request) -> Response:
         return self.respond(request, request.query_params.dict())
 
@@ -169,3 +256,178 @@ class PopularView(RecommendationView):
         self, snapshot: ServingSnapshot, current: Current, data: dict[str, Any]
     ) -> Outcome[RecItem]:
         return recommend.popular(snapshot, data["limit"], data.get("category"))
+
+
+class FeedbackView(APIView):
+    """POST /api/v1/feedback: one event on a recommended item, appended to the feedback log."""
+
+    # Public like the reads (a storefront posts it for anonymous visitors): no session, so no
+    # CSRF, and the event only ever lands in a log.
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    endpoint = "feedback"
+
+    @extend_schema(
+        operation_id="feedback",
+        summary="Record a user event on a recommended item",
+        request=FeedbackInput,
+        parameters=[REQUEST_ID_PARAMETER],
+        responses={202: FeedbackAcceptedOutput, 400: BAD_REQUEST},
+    )
+    def post(self, request: Request) -> Response:
+        started = time.perf_counter()
+        rid = request_id(request)
+        form = FeedbackInput(data=request.data)
+        if not form.is_valid():
+            response = invalid(form.errors, rid)
+        else:
+            record = {"ts": timezone.now().isoformat(), **form.validated_data}
+            queued = get_writer().submit(FEEDBACK, record)
+            response = Response(
+                {"status": "accepted", "request_id": rid, "queued": queued},
+                status=202,
+                headers={"X-Request-ID": rid},
+            )
+        metrics.observe_request(self.endpoint, response.status_code, time.perf_counter() - started)
+        return response
+
+
+class AssignmentView(APIView):
+    """GET /api/v1/users/<user_id>/assignment: the model version and experiment variants this
+    user gets now, and the registry's canary and shadow."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    endpoint = "assignment"
+
+    @extend_schema(
+        operation_id="users_assignment",
+        summary="What a user is served: model version and experiment variant per scene",
+        parameters=[
+            OpenApiParameter(
+                "user_id", OpenApiTypes.INT, OpenApiParameter.PATH, description="1..2^63-1"
+            ),
+            REQUEST_ID_PARAMETER,
+        ],
+        responses={200: AssignmentOutput, 400: BAD_REQUEST},
+    )
+    def get(self, request: Request, user_id: str) -> Response:
+        started = time.perf_counter()
+        rid = request_id(request)
+        form = AssignmentInput(data={"user_id": user_id})
+        if not form.is_valid():
+            response = invalid(form.errors, rid)
+        else:
+            response = Response(
+                AssignmentOutput(self.body(rid, form.validated_data["user_id"])).data,
+                headers={"X-Request-ID": rid},
+            )
+        metrics.observe_request(self.endpoint, response.status_code, time.perf_counter() - started)
+        return response
+
+    @staticmethod
+    def body(rid: str, user_id: int) -> dict[str, Any]:
+        current = get_state().current()
+        live = model_version_serving_state()  # one query
+        now = timezone.now()
+        variants = {}
+        for scene in Scene.values:
+            assignment = current.experiments.assign(scene, user_id, now=now)
+            variants[scene] = assignment.label if assignment is not None else DEFAULT_VARIANT
+
+        def version(row: dict[str, Any] | None) -> dict[str, Any] | None:
+            if row is None:
+                return None
+            return {"version": row["version"], "traffic_share": row.get("traffic_share")}
+
+        return {
+            "request_id": rid,
+            "user_id": user_id,
+            "model_version": current.snapshot.model_version if current.snapshot else None,
+            "primary": live["primary"]["version"] if live["primary"] else None,
+            "canary": version(live["canary"]),
+            "shadow": version(live["shadow"]),
+            "variants": variants,
+        }
+
+
+class ReloadView(APIView):
+    """POST /api/v1/admin/reload: refresh this process's serving state now.
+
+    Staff with `registry.change_modelversion` only, by token or by session + CSRF. Every
+    attempt, allowed or refused, is written synchronously to the audit log.
+    """
+
+    authentication_classes = ADMIN_AUTHENTICATION
+    permission_classes = [IsStaffWithReloadPermission]
+    endpoint = "reload"
+
+    @extend_schema(
+        operation_id="admin_reload",
+        summary="Reload the serving state of this worker (staff only)",
+        request=None,
+        responses={
+            200: ReloadOutput,
+            401: OpenApiResponse(description="Not authenticated."),
+            403: OpenApiResponse(description="Not allowed, or missing CSRF token (session)."),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        state = get_state()
+        changed = state.refresh()
+        current = state.current()
+        body = {
+            "changed": changed,
+            "model_version": current.snapshot.model_version if current.snapshot else None,
+            "experiments_version": current.experiments.version,
+            "redis_published": current.stores.redis_published,
+            "pid": os.getpid(),
+        }
+        metrics.set_model_version(body["model_version"])
+        return Response(ReloadOutput(body).data)
+
+    def finalize_response(
+        self, request: Request, response: Response, *args: Any, **kwargs: Any
+    ) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        self.audit(request, response)
+        return response
+
+    def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        response = super().dispatch(request, *args, **kwargs)
+        metrics.observe_request(self.endpoint, response.status_code, time.perf_counter() - started)
+        return response
+
+    def audit(self, request: Request, response: Response) -> None:
+        # `_user` rather than `user`: reading `user` after a failed authentication would run
+        # the authenticators again.
+        user = getattr(request, "_user", None)
+        if user is None or not user.is_authenticated:
+            # A session whose CSRF check failed is not authenticated for DRF (which also resets
+            # the Django request's user), but the audit should still say whose session tried.
+            user = auth.get_user(request._request)
+        actor = user.get_username() if user is not None and user.is_authenticated else ""
+        authenticator = getattr(request, "_authenticator", None)
+        allowed = response.status_code < 400
+        data = getattr(response, "data", None)
+        data = data if isinstance(data, dict) else {}
+        record = {
+            "ts": timezone.now().isoformat(),
+            "action": "serving_reload",
+            "outcome": "applied" if allowed else "refused",
+            "status": response.status_code,
+            "method": request.method,
+            "actor": actor or "anonymous",
+            "auth": type(authenticator).__name__ if authenticator is not None else None,
+            "address": request.META.get("REMOTE_ADDR"),
+            "reason": "" if allowed else str(data.get("detail", "")),
+            "model_version": data.get("model_version") if allowed else None,
+        }
+        try:
+            get_writer().write_now(AUDIT, record)
+        except Exception:  # the audit file is unwritable: say so loudly, keep the answer
+            logger.exception("serving reload: cannot write the audit line %s", record)
+        logger.info(
+            "serving reload %s by %s: %s", record["outcome"], record["actor"], response.status_code
+        )

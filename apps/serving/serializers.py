@@ -7,9 +7,17 @@ serializer does not declare are ignored.
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
 from rest_framework import serializers
 
 MAX_ID = 2**63 - 1
+MAX_POSITION = 10_000
+# Client-supplied tokens end up in log lines: short and printable only.
+SANE_TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+FEEDBACK_EVENTS = ("exposure", "click", "add_to_cart", "purchase")
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 10
 
@@ -18,12 +26,17 @@ def _id_field(**kwargs: object) -> serializers.IntegerField:
     return serializers.IntegerField(min_value=1, max_value=MAX_ID, **kwargs)  # type: ignore[arg-type]
 
 
+def _token_field(**kwargs: object) -> serializers.RegexField:
+    return serializers.RegexField(SANE_TOKEN, max_length=128, **kwargs)  # type: ignore[arg-type]
+
+
 class LimitInput(serializers.Serializer):
-    """`limit`: how many items to return."""
+    """`limit`: how many items to return; `visitor_id`: the anonymous visitor, logged only."""
 
     limit = serializers.IntegerField(
         min_value=1, max_value=MAX_LIMIT, required=False, default=DEFAULT_LIMIT
     )
+    visitor_id = _token_field(required=False)
 
 
 class ForYouInput(LimitInput):
@@ -66,3 +79,80 @@ class RecommendationOutput(serializers.Serializer):
     degraded = serializers.BooleanField()
     degrade_reason = serializers.CharField(allow_null=True)
     items = ItemOutput(many=True)
+
+
+class ErrorOutput(serializers.Serializer):
+    """The one shape of a 400: `detail` maps each bad field to its messages."""
+
+    error = serializers.CharField()
+    detail = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))
+    request_id = serializers.CharField()
+
+
+class FeedbackInput(serializers.Serializer):
+    """POST /feedback: one user event on a recommended item. Unknown fields are refused, so a
+    client typo (`itemId`) fails loudly instead of logging half an event."""
+
+    request_id = _token_field()
+    event = serializers.ChoiceField(choices=FEEDBACK_EVENTS)
+    item_id = _id_field()
+    user_id = _id_field(required=False)
+    visitor_id = _token_field(required=False)
+    position = serializers.IntegerField(min_value=0, max_value=MAX_POSITION, required=False)
+    value = serializers.FloatField(required=False, min_value=-1e12, max_value=1e12)
+
+    def validate_value(self, value: float) -> float:
+        if not math.isfinite(value):
+            raise serializers.ValidationError("Must be a finite number.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(self.initial_data, dict):
+            unknown = sorted(set(self.initial_data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return attrs
+
+
+class FeedbackAcceptedOutput(serializers.Serializer):
+    """202: the event is queued for the feedback log (`queued` false: dropped, queue full)."""
+
+    status = serializers.CharField()
+    request_id = serializers.CharField()
+    queued = serializers.BooleanField()
+
+
+class AssignmentInput(serializers.Serializer):
+    """GET /users/<user_id>/assignment."""
+
+    user_id = _id_field()
+
+
+class LiveVersionOutput(serializers.Serializer):
+    """A registry version receiving traffic (canary) or scoring in the background (shadow)."""
+
+    version = serializers.CharField()
+    traffic_share = serializers.FloatField(allow_null=True)
+
+
+class AssignmentOutput(serializers.Serializer):
+    """What a user is served: the model version, the registry's live versions, and the
+    experiment variant per scene (`default` outside any experiment)."""
+
+    request_id = serializers.CharField()
+    user_id = serializers.IntegerField()
+    model_version = serializers.CharField(allow_null=True)
+    primary = serializers.CharField(allow_null=True)
+    canary = LiveVersionOutput(allow_null=True)
+    shadow = LiveVersionOutput(allow_null=True)
+    variants = serializers.DictField(child=serializers.CharField())
+
+
+class ReloadOutput(serializers.Serializer):
+    """What this process serves after the reload (other workers pick it up at their poll)."""
+
+    changed = serializers.BooleanField()
+    model_version = serializers.CharField(allow_null=True)
+    experiments_version = serializers.IntegerField()
+    redis_published = serializers.BooleanField()
+    pid = serializers.IntegerField()

@@ -14,4 +14,7 @@ urlpatterns = [
     path("recommendations/for-you", api.ForYouView.as_view(), name="for-you"),
     path("items/<str:item_id>/similar", api.SimilarView.as_view(), name="similar"),
     path("popular", api.PopularView.as_view(), name="popular"),
+    path("feedback", api.FeedbackView.as_view(), name="feedback"),
+    path("users/<str:user_id>/assignment", api.AssignmentView.as_view(), name="assignment"),
+    path("admin/reload", api.ReloadView.as_view(), name="admin-reload"),
 ]

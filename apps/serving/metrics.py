@@ -1,0 +1,92 @@
+"""Prometheus metrics of the recommendation API.
+
+Label values come from fixed vocabularies only (endpoint names, HTTP status codes, `Reason`
+values, operation names, model versions): never a user, item or request id, which would grow
+the series without bound. The metrics live in prometheus_client's default registry, which
+django-prometheus exposes at /metrics; under a multi-process server set
+PROMETHEUS_MULTIPROC_DIR and prometheus_client aggregates the workers' files.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from apps.serving.engine.sources import Reason
+
+REQUESTS = Counter(
+    "recommendation_requests_total",
+    "API requests by endpoint and HTTP status.",
+    ["endpoint", "status"],
+)
+LATENCY = Histogram(
+    "recommendation_latency_seconds",
+    "Time to answer an API request, by endpoint.",
+    ["endpoint"],
+    # Serving targets tens of milliseconds; the tail buckets show a hung dependency.
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+DEGRADED = Counter(
+    "recommendation_degraded_total",
+    "Responses marked degraded, by reason.",
+    ["reason"],
+)
+TIMEOUTS = Counter(
+    "recommendation_timeouts_total",
+    "Requests whose answer was changed by a timeout, by the operation that timed out.",
+    ["operation"],
+)
+EXPOSURES = Counter(
+    "recommendation_exposures_total",
+    "Exposure log lines accepted by the writer's queue.",
+)
+EXPOSURE_DROPPED = Counter(
+    "recommendation_exposure_dropped_total",
+    "Log lines (exposures and feedback) dropped because the writer's queue was full.",
+)
+# "liveall": under multiprocess mode every live worker reports the version it serves, so a
+# rollout shows as two versions until all workers have swapped.
+MODEL_INFO = Gauge(
+    "recommendation_model_info",
+    "1 for the model version this process serves.",
+    ["version"],
+    multiprocess_mode="liveall",
+)
+
+# Which degradation reasons are timeouts, and of which operation.
+_TIMEOUT_OPERATIONS: dict[str, str] = {
+    Reason.REDIS_TIMEOUT: "redis_candidates",
+    Reason.BUDGET_EXHAUSTED: "request_budget",
+}
+
+_model_lock = threading.Lock()
+_model_version: str | None = None
+
+
+def observe_request(endpoint: str, status: int, seconds: float) -> None:
+    """Count one answered request and its latency."""
+    REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+    LATENCY.labels(endpoint=endpoint).observe(seconds)
+
+
+def observe_degraded(reason: str) -> None:
+    """Count one degraded response, and a timeout when the reason is one."""
+    DEGRADED.labels(reason=reason).inc()
+    operation = _TIMEOUT_OPERATIONS.get(reason)
+    if operation is not None:
+        TIMEOUTS.labels(operation=operation).inc()
+
+
+def set_model_version(version: str | None) -> None:
+    """Point `recommendation_model_info` at the served version (cheap when unchanged)."""
+    global _model_version
+    if version == _model_version:
+        return
+    with _model_lock:
+        if version == _model_version:
+            return
+        MODEL_INFO.clear()
+        if version is not None:
+            MODEL_INFO.labels(version=version).set(1)
+        _model_version = version

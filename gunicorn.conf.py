@@ -1,0 +1,29 @@
+"""Production WSGI server settings (`make serve`).
+
+Sync workers, one per core: on this 2-core class of machine more threads or workers than cores
+made p99 worse (../shared/PERFORMANCE.md). Models load lazily in each worker after the fork
+(the serving state is per process), never in the master.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("RECO_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("RECO_WORKERS", multiprocessing.cpu_count()))
+worker_class = "sync"
+# Keep-alive lets a load balancer (or the load generator) reuse connections.
+keepalive = 5
+timeout = 30
+graceful_timeout = 10
+preload_app = False
+accesslog = os.environ.get("RECO_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's Prometheus multiprocess files so its gauges do not linger."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
