@@ -127,3 +127,17 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
             except subprocess.TimeoutExpired:
                 server.process.kill()
                 server.process.wait(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _exposure_log_in_tmp(tmp_path):
+    """Keep every serving test's exposure and feedback lines out of the repository's var/."""
+    from apps.serving import exposure
+
+    writer = exposure.ExposureWriter(tmp_path / "exposures" / "exposures.jsonl")
+    previous = exposure.set_writer(writer)
+    try:
+        yield writer
+    finally:
+        exposure.set_writer(previous)
+        writer.close()
