@@ -153,7 +153,9 @@ class RecommendationView(APIView):
         if body["degraded"]:
             metrics.observe_degraded(body["degrade_reason"])
         self.log_exposure(body, data, started)
-        return Response(RecommendationOutput(body).data, headers={"X-Request-ID": rid})
+        # `body` already has RecommendationOutput's shape (the serializer documents it in the
+        # schema); serialising 20 items through DRF fields cost ~1.2 ms of a ~2 ms request.
+        return Response(body, headers={"X-Request-ID": rid})
 
     def log_exposure(self, body: dict[str, Any], data: dict[str, Any], started: float) -> None:
         """Queue the exposure line (never blocks; a full queue drops and counts it)."""

@@ -181,3 +181,19 @@ def test_an_unpublished_version_in_redis_is_served_degraded_from_the_local_store
     assert body["source"] == "local_store"
     assert body["degraded"] is True
     assert body["degrade_reason"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [FOR_YOU + "?user_id=1&limit=5", "/api/v1/items/10/similar?limit=5", "/api/v1/popular?limit=5"],
+)
+def test_every_recommendation_answer_has_the_documented_shape(client, bundle, url) -> None:  # type: ignore[no-untyped-def]
+    # The views build the JSON body directly (no output serializer on the hot path); the
+    # documented serializer must still accept exactly what they send.
+    from apps.serving.serializers import RecommendationOutput
+
+    install()
+    body = client.get(url).json()
+    form = RecommendationOutput(data=body)
+    assert form.is_valid(), form.errors
+    assert RecommendationOutput(form.validated_data).data == body
