@@ -13,7 +13,7 @@ DEMO_ACTIONS ?= 200000
 DEMO_SEED ?= 42
 PROM_DIR ?= var/prometheus
 
-.PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve \
+.PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
         test lint format pytest check-sources clean-data benchmarks quality
 
 help:  ## list targets
@@ -62,7 +62,16 @@ admin-user: venv  ## create or reset the demo admin user and print its credentia
 experiments: venv  ## load the seed experiments from config/experiments.yaml (idempotent)
 	$(MANAGE) experiments_import
 
-demo-setup: venv migrate experiments demo-data check-sources pipeline admin-user
+schedules: venv  ## write the pipeline's beat schedules to the database (keeps enabled/disabled)
+	$(MANAGE) sync_schedules
+
+worker: venv  ## a Celery worker (needs CELERY_BROKER_URL, e.g. redis://127.0.0.1:6379/1)
+	$(BIN)/celery -A recoplatform worker --loglevel=INFO --concurrency=2
+
+beat: venv  ## the one Celery beat (database scheduler)
+	$(BIN)/celery -A recoplatform beat --loglevel=INFO
+
+demo-setup: venv migrate experiments schedules demo-data check-sources pipeline admin-user
 
 demo: demo-setup  ## fresh clone -> demo data, pipeline, admin user, server on http://$(HOST):$(PORT)/
 	@echo "Serving on http://$(HOST):$(PORT)/admin/ (Ctrl-C to stop)"
