@@ -431,6 +431,27 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     )
 
 
+def primary_sync_to_redis() -> dict[str, str]:
+    """Republish the current primary bundle's lists and features to Redis, without training.
+
+    For after a Redis outage or flush: serving answers from the bundle's local store (marked
+    degraded) until this has run. Raises ``ValueError`` when there is nothing to publish.
+    """
+    from apps.models import selectors as model_selectors
+
+    if not settings.REDIS_URL:
+        raise ValueError("REDIS_URL is not configured: there is no Redis to synchronise")
+    primary = model_selectors.model_version_primary()
+    if primary is None:
+        raise ValueError("no primary model version: train and promote one first")
+    bundle_dir = Path(primary.bundle_path)
+    return {
+        "version": primary.version,
+        "lists": _publish_to_redis(bundle_dir, primary.version),
+        "features": _sync_features_to_redis(bundle_dir, primary.version),
+    }
+
+
 def _publish_to_redis(bundle_dir: Path, version: str) -> str:
     """Publish the primary bundle's lists to Redis for serving; never fails training.
 
@@ -462,6 +483,8 @@ def _sync_features_to_redis(bundle_dir: Path, version: str) -> str:
     from apps.pipeline import feature_store
     from apps.pipeline.features import FeatureBuilder
 
+    if not (bundle_dir / "features").is_dir():
+        return "skipped: the bundle has no feature tables"
     tables = FeatureBuilder.load(bundle_dir / "features").tables()
     client = feature_store.make_redis_client(settings.REDIS_URL, timeout=2.0)
     try:
