@@ -586,6 +586,15 @@ def pipeline_run_execute(
     return run
 
 
+def pipeline_run_scheduled(*, kind: str) -> str | None:
+    """Start a scheduled run of ``kind`` unless one of that kind is already running."""
+    if PipelineRun.objects.filter(kind=kind, status=RunStatus.RUNNING).exists():
+        return "skipped: a run of this kind is already running"
+    run = pipeline_run_create(kind=kind, triggered_by="beat")
+    result = pipeline_run_execute(run_id=run.pk)
+    return result.status if result else None
+
+
 def quality_gate_check() -> DataQualityReport:
     """Return the latest quality report if it passes the gate; raise ``QualityGateError`` if not.
 

@@ -53,10 +53,4 @@ def enqueue_pipeline_run(run_id: int) -> str:
 @shared_task(name="pipeline.pipeline_scheduled", acks_late=True, reject_on_worker_lost=True)
 def pipeline_scheduled_task(kind: str = "incremental") -> str | None:
     """Beat entry point: create and execute a run of ``kind`` unless one is already running."""
-    from apps.pipeline.models import PipelineRun, RunStatus
-
-    if PipelineRun.objects.filter(kind=kind, status=RunStatus.RUNNING).exists():
-        return "skipped: a run of this kind is already running"
-    run = services.pipeline_run_create(kind=kind, triggered_by="beat")
-    result = services.pipeline_run_execute(run_id=run.pk)
-    return result.status if result else None
+    return services.pipeline_run_scheduled(kind=kind)

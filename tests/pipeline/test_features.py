@@ -10,9 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apps.pipeline import canonical, demo, schema
-from apps.pipeline.clean import DataCleaner
-from apps.pipeline.extract import InMemoryLockManager, InMemoryWatermarkStore, extract_source
+from apps.pipeline import demo, schema
 from apps.pipeline.features import (
     FEATURE_NAMES,
     MISSING_RANK,
@@ -29,10 +27,8 @@ from apps.pipeline.features import (
     feature_schema_hash,
     spec_default,
 )
-from apps.pipeline.lake import Lake
-from apps.pipeline.sources.contract import load_contract
-from apps.pipeline.sources.db import make_engine
 from apps.pipeline.train.base import TrainingSet
+from tests.demo_frames import demo_clean_frames
 from tests.pipeline.test_clean import canonical_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -546,35 +542,8 @@ def test_save_and_load_round_trip_without_pickle(builder, tmp_path):
 def demo_frames(tmp_path_factory) -> dict[str, pd.DataFrame]:
     """Clean canonical frames of a tiny demo marketplace (demo -> extract -> canonical -> clean)."""
     end = dt.datetime(2025, 3, 31, 12, 0, 0, tzinfo=dt.UTC)
-    root = tmp_path_factory.mktemp("demo")
-    engines = {
-        "business": make_engine(f"sqlite:///{root / 'business.sqlite3'}"),
-        "matomo": make_engine(f"sqlite:///{root / 'matomo.sqlite3'}"),
-    }
     config = demo.DemoConfig(users=60, items=30, actions=3000, days=15, seed=5, end=end)
-    demo.generate(engines["business"], engines["matomo"], config)
-    contract = load_contract(REPO / "config/sources.yaml")
-    lake = Lake(root / "raw")
-    raw = {}
-    for name, source in contract.sources.items():
-        extract_source(
-            engines[name],
-            source,
-            lake,
-            InMemoryWatermarkStore(),
-            InMemoryLockManager(),
-            holder="test",
-        )
-        for spec in source.tables.values():
-            if lake.exists(spec.source, spec.name):
-                raw[spec.key] = lake.read_table(spec.source, spec.name)
-    for engine in engines.values():
-        engine.dispose()
-    built = canonical.build_canonical(raw, contract)
-    cleaned = DataCleaner(now=pd.Timestamp(end)).clean(
-        {"users": built.users, "items": built.items, "interactions": built.interactions}
-    )
-    return cleaned.frames
+    return demo_clean_frames(tmp_path_factory.mktemp("demo"), config)
 
 
 def test_features_on_demo_data_are_finite_and_informative(demo_frames):

@@ -12,12 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apps.pipeline import canonical, demo
-from apps.pipeline.clean import DataCleaner
-from apps.pipeline.extract import InMemoryLockManager, InMemoryWatermarkStore, extract_source
-from apps.pipeline.lake import Lake
-from apps.pipeline.sources.contract import load_contract
-from apps.pipeline.sources.db import make_engine
+from apps.pipeline import demo
 from apps.pipeline.train import ranker as rk
 from apps.pipeline.train.recall import RECALLERS
 from apps.pipeline.train.trainer import TrainConfig, train_bundle
@@ -25,6 +20,7 @@ from apps.serving.engine.rank import Ranker, RankerLoadError, fuse_lists, has_ra
 from apps.serving.engine.recommend import Stores, for_you
 from apps.serving.engine.snapshot import SnapshotError, load_snapshot
 from apps.serving.engine.sources import Source
+from tests.demo_frames import demo_clean_frames
 
 REPO = Path(__file__).resolve().parents[2]
 END = dt.datetime(2025, 3, 31, 12, 0, 0, tzinfo=dt.UTC)
@@ -33,34 +29,8 @@ NOW = pd.Timestamp(END)
 
 
 def _clean_frames(root: Path) -> dict[str, pd.DataFrame]:
-    engines = {
-        "business": make_engine(f"sqlite:///{root / 'business.sqlite3'}"),
-        "matomo": make_engine(f"sqlite:///{root / 'matomo.sqlite3'}"),
-    }
     config = demo.DemoConfig(users=120, items=50, actions=5000, days=30, seed=7, end=END)
-    demo.generate(engines["business"], engines["matomo"], config)
-    contract = load_contract(REPO / "config/sources.yaml")
-    lake = Lake(root / "raw")
-    raw = {}
-    for name, source in contract.sources.items():
-        extract_source(
-            engines[name],
-            source,
-            lake,
-            InMemoryWatermarkStore(),
-            InMemoryLockManager(),
-            holder="test",
-        )
-        for spec in source.tables.values():
-            if lake.exists(spec.source, spec.name):
-                raw[spec.key] = lake.read_table(spec.source, spec.name)
-    for engine in engines.values():
-        engine.dispose()
-    built = canonical.build_canonical(raw, contract)
-    cleaned = DataCleaner(now=pd.Timestamp(END)).clean(
-        {"users": built.users, "items": built.items, "interactions": built.interactions}
-    )
-    return cleaned.frames
+    return demo_clean_frames(root, config)
 
 
 @pytest.fixture(scope="module")
