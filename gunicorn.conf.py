@@ -21,6 +21,19 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 
+def on_starting(server):
+    """Start every server with an empty Prometheus multiprocess directory: files of a previous
+    run's workers would otherwise be summed into this run's counters."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        import pathlib
+
+        path = pathlib.Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+
+
 def child_exit(server, worker):
     """Drop a dead worker's Prometheus multiprocess files so its gauges do not linger."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
