@@ -1,5 +1,5 @@
-"""Admin screens of experiments: experiments with their variants inline, lifecycle actions, and
-YAML export.
+"""Admin screens of experiments: experiments with their variants inline, lifecycle actions, YAML
+export, online results per variant, and the daily online evaluation reports.
 
 Allocations are edited and shown in percent (stored in basis points). The change form checks
 what the services check: valid variant parameters and allocations of at most 100% in total;
@@ -14,18 +14,26 @@ from decimal import Decimal
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet, Sum
 from django.forms.models import BaseInlineFormSet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from apps.experiments import services
 from apps.experiments.bucketing import BUCKETS
 from apps.experiments.choices import ExperimentStatus
-from apps.experiments.models import Experiment, Variant
+from apps.experiments.models import Experiment, OnlineEvaluationReport, Variant
+from apps.experiments.online import Counts
 from apps.experiments.params import ParamsError, clean_params
-from apps.experiments.selectors import experiments_with_variants
+from apps.experiments.selectors import experiment_results, experiments_with_variants
 from apps.experiments.yaml_io import dump_experiments_yaml
 
 STATUS_COLOURS = {
@@ -38,6 +46,42 @@ STATUS_COLOURS = {
 
 def _percent(points: int | None) -> str:
     return f"{(points or 0) / 100:g}%"
+
+
+def _with_interval(metric: dict[str, Any] | None, *, percent: bool) -> dict[str, str]:
+    """A metric as ``{"value", "interval"}`` strings ("-" when it has no denominator)."""
+    if not metric:
+        return {"value": "-", "interval": ""}
+
+    def show(x: float | None) -> str:
+        if x is None:
+            return "?"
+        return f"{x * 100:.2f}%" if percent else f"{x:,.2f}"
+
+    interval = ""
+    if metric.get("low") is not None and metric.get("high") is not None:
+        interval = f"{show(metric['low'])} to {show(metric['high'])}"
+    return {"value": show(metric["value"]), "interval": interval}
+
+
+def online_rows(rows: list[tuple[str, int | None, Counts, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Display rows of the online tables: ``(name, allocation or None, counts, metrics)`` in,
+    counts and formatted metrics with their 95% intervals out."""
+    out = []
+    for name, allocation, counts, metrics in rows:
+        out.append(
+            {
+                "name": name,
+                "allocation": _percent(allocation) if allocation is not None else "-",
+                "counts": counts,
+                "ctr": _with_interval(metrics.get("ctr"), percent=True),
+                "request_ctr": _with_interval(metrics.get("request_ctr"), percent=True),
+                "cvr_click": _with_interval(metrics.get("cvr_click"), percent=True),
+                "cvr_exposure": _with_interval(metrics.get("cvr_exposure"), percent=True),
+                "gmv": _with_interval(metrics.get("gmv_per_exposure"), percent=False),
+            }
+        )
+    return out
 
 
 class VariantForm(forms.ModelForm):
@@ -276,3 +320,136 @@ class ExperimentAdmin(admin.ModelAdmin):
         response = HttpResponse(text, content_type="application/yaml; charset=utf-8")
         response["Content-Disposition"] = 'attachment; filename="experiments.yaml"'
         return response
+
+    # --- online results ---------------------------------------------------------------------
+
+    def get_urls(self) -> list[Any]:
+        custom = [
+            path(
+                "<int:object_id>/results/",
+                self.admin_site.admin_view(self.results_view),
+                name="experiments_experiment_results",
+            )
+        ]
+        return custom + super().get_urls()
+
+    def results_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        """Per variant: exposures, CTR, CVR and GMV per exposure with 95% intervals, from the
+        latest daily report and summed over the run. POST ("compute now") recomputes today."""
+        experiment = get_object_or_404(Experiment, pk=object_id)
+        if not self.has_view_permission(request, experiment):
+            raise PermissionDenied
+        url = reverse("admin:experiments_experiment_results", args=[experiment.pk])
+        if request.method == "POST":
+            if not self.has_change_permission(request, experiment):
+                raise PermissionDenied
+            self._compute_now(request, experiment)
+            return HttpResponseRedirect(url)
+        results = experiment_results(experiment=experiment)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Online results of {experiment.name}",
+            "opts": self.model._meta,
+            "original": experiment,
+            "results": results,
+            "latest_rows": online_rows(
+                [(r.name, r.allocation, r.counts, r.metrics) for r in results.latest_rows]
+            ),
+            "total_rows": online_rows(
+                [(r.name, r.allocation, r.counts, r.metrics) for r in results.total_rows]
+            ),
+            "can_compute": self.has_change_permission(request, experiment),
+        }
+        return TemplateResponse(request, "admin/experiments/experiment/results.html", context)
+
+    def _compute_now(self, request: HttpRequest, experiment: Experiment) -> None:
+        """Recompute today's report: on the broker when there is one, else here.
+
+        The evaluation streams the day's logs at about 12 us per request served (measured:
+        200,000 requests of 10 items, 146 MB, in 2.3 s), too slow for a request on a busy
+        site, so a worker does it there; the embedded setup (no broker) has small logs.
+        """
+        today = timezone.now().date()
+        who = f"admin:{request.user.get_username()}"[:64]
+        if not settings.CELERY_TASK_ALWAYS_EAGER:
+            from apps.experiments.tasks import online_report_compute_task
+
+            online_report_compute_task.delay(today.isoformat(), triggered_by=who)
+            text = (
+                f"Queued the online evaluation of {today.isoformat()} on the broker; "
+                "reload this page in a minute."
+            )
+            self.log_change(request, experiment, f"{text} (admin: compute now)")
+            self.message_user(request, text, messages.SUCCESS)
+            return
+        try:
+            report = services.online_report_compute(day=today, triggered_by=who)
+        except services.ExperimentError as exc:
+            self.message_user(request, f"Could not compute: {exc}", messages.ERROR)
+            return
+        requests = sum(
+            g["counts"]["requests"] for g in report.results.get("by_variant", {}).values()
+        )
+        text = (
+            f"Computed the online evaluation of {today.isoformat()} up to "
+            f"{report.window_end:%H:%M} UTC: {requests} requests ({report.seconds:.2f} s)."
+        )
+        self.log_change(request, report, f"{text} (admin: compute now)")
+        self.message_user(request, text, messages.SUCCESS)
+
+
+@admin.register(OnlineEvaluationReport)
+class OnlineEvaluationReportAdmin(admin.ModelAdmin):
+    """Daily online evaluations: written by the beat task, the command or "compute now"."""
+
+    list_display = ("date", "requests", "variant_labels", "computed_at", "triggered_by", "seconds")
+    date_hierarchy = "date"
+    readonly_fields = (
+        "date",
+        "window_start",
+        "window_end",
+        "computed_at",
+        "triggered_by",
+        "seconds",
+        "variants_table",
+        "feedback_summary",
+    )
+    exclude = ("results", "summary")
+
+    def _groups(self, obj: OnlineEvaluationReport) -> dict[str, Any]:
+        return (obj.results or {}).get("by_variant") or {}
+
+    @admin.display(description="requests")
+    def requests(self, obj: OnlineEvaluationReport) -> int:
+        return sum(int(g["counts"]["requests"]) for g in self._groups(obj).values())
+
+    @admin.display(description="variants")
+    def variant_labels(self, obj: OnlineEvaluationReport) -> str:
+        return ", ".join(sorted(self._groups(obj))) or "-"
+
+    @admin.display(description="per variant")
+    def variants_table(self, obj: OnlineEvaluationReport) -> str:
+        rows = online_rows(
+            [
+                (label, None, Counts.from_dict(g["counts"]), g["metrics"])
+                for label, g in sorted(self._groups(obj).items())
+            ]
+        )
+        return render_to_string(
+            "admin/experiments/_online_table.html", {"rows": rows, "show_allocation": False}
+        )
+
+    @admin.display(description="feedback join")
+    def feedback_summary(self, obj: OnlineEvaluationReport) -> str:
+        feedback = (obj.summary or {}).get("feedback") or {}
+        return (
+            f"{feedback.get('matched', 0)} items with feedback joined, {feedback.get('unmatched', 0)} without an "
+            f"exposure in the window, {feedback.get('not_shown', 0)} on items not shown; "
+            f"events read: {feedback.get('events', {})}"
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -106,3 +106,31 @@ class ConfigVersion(models.Model):
 
     def __str__(self) -> str:
         return f"experiments config v{self.version}"
+
+
+class OnlineEvaluationReport(models.Model):
+    """One UTC day of online evaluation: exposures joined to feedback, per variant and model.
+
+    ``results`` holds ``by_variant`` and ``by_model_version``, each ``{label: {"counts",
+    "metrics"}}`` as ``apps.experiments.online.OnlineEvaluation.to_dict`` writes them; counts
+    add across days, so an experiment's whole run sums its daily reports. ``summary`` holds the
+    join's leftovers (unmatched feedback) and which log files were read. A report is recomputed
+    in place (one row per day), e.g. by "compute now" while the day is still running.
+    """
+
+    date = models.DateField(unique=True)
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField(
+        help_text="End of the exposures read: the day's end, or when it was computed."
+    )
+    computed_at = models.DateTimeField()
+    results = models.JSONField(default=dict, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+    seconds = models.FloatField(default=0.0)
+    triggered_by = models.CharField(max_length=64, default="beat")
+
+    class Meta:
+        ordering = ["-date"]
+
+    def __str__(self) -> str:
+        return f"Online evaluation {self.date.isoformat()}"

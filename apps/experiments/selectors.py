@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from django.db.models import Prefetch, QuerySet
 
 from apps.experiments.bucketing import ExperimentSnapshot, ExperimentsSnapshot, VariantSnapshot
 from apps.experiments.choices import ExperimentStatus
-from apps.experiments.models import ConfigVersion, Experiment, Variant
+from apps.experiments.models import ConfigVersion, Experiment, OnlineEvaluationReport, Variant
+from apps.experiments.online import Counts
 from apps.experiments.params import ParamsError, VariantParams, parse_params
 
 logger = logging.getLogger(__name__)
@@ -68,3 +71,84 @@ def experiments_snapshot() -> ExperimentsSnapshot:
         for e in experiments_with_variants().filter(status=ExperimentStatus.RUNNING)
     )
     return ExperimentsSnapshot(version=version, experiments=experiments)
+
+
+# --- online evaluation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant's online counts and metrics (``apps.experiments.online.Counts.metrics``).
+
+    ``allocation`` is None for a label found in the logs that is no longer a variant."""
+
+    name: str
+    allocation: int | None
+    counts: Counts
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExperimentResults:
+    """An experiment's online results: the latest daily report with its traffic, and the sum
+    of every daily report of its run (``days`` of them)."""
+
+    experiment: Experiment
+    latest: OnlineEvaluationReport | None
+    latest_rows: list[VariantResult]
+    total_rows: list[VariantResult]
+    days: int
+
+
+def _variant_counts(report: OnlineEvaluationReport, prefix: str) -> dict[str, Counts]:
+    groups = (report.results or {}).get("by_variant") or {}
+    return {
+        label[len(prefix) :]: Counts.from_dict(group.get("counts") or {})
+        for label, group in groups.items()
+        if label.startswith(prefix)
+    }
+
+
+def _rows(variants: list[Variant], counts: dict[str, Counts]) -> list[VariantResult]:
+    names = [v.name for v in variants] + sorted(set(counts) - {v.name for v in variants})
+    allocation = {v.name: v.allocation for v in variants}
+    rows = []
+    for name in names:
+        found = counts.get(name, Counts())
+        rows.append(VariantResult(name, allocation.get(name), found, found.metrics()))
+    return rows
+
+
+def experiment_results(*, experiment: Experiment) -> ExperimentResults:
+    """Read the daily reports that cover the experiment's run (two queries)."""
+    variants = list(experiment.variants.order_by("position", "name"))
+    reports = OnlineEvaluationReport.objects.order_by("date")
+    if experiment.starts_at is not None:
+        reports = reports.filter(date__gte=experiment.starts_at.date())
+    if experiment.ends_at is not None:
+        reports = reports.filter(date__lte=experiment.ends_at.date())
+    prefix = f"{experiment.name}:"
+    total: dict[str, Counts] = {}
+    latest: OnlineEvaluationReport | None = None
+    latest_counts: dict[str, Counts] = {}
+    days = 0
+    for report in reports:
+        counts = _variant_counts(report, prefix)
+        if not counts:
+            continue
+        days += 1
+        latest, latest_counts = report, counts
+        for name, found in counts.items():
+            total.setdefault(name, Counts()).merge(found)
+    return ExperimentResults(
+        experiment=experiment,
+        latest=latest,
+        latest_rows=_rows(variants, latest_counts),
+        total_rows=_rows(variants, total),
+        days=days,
+    )
+
+
+def online_report_latest() -> OnlineEvaluationReport | None:
+    """The most recent daily online evaluation, if any."""
+    return OnlineEvaluationReport.objects.order_by("-date").first()

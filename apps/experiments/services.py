@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -27,7 +30,7 @@ from django.utils import timezone
 
 from apps.experiments.bucketing import BUCKETS
 from apps.experiments.choices import ExperimentStatus
-from apps.experiments.models import ConfigVersion, Experiment, Variant
+from apps.experiments.models import ConfigVersion, Experiment, OnlineEvaluationReport, Variant
 from apps.experiments.params import ParamsError, clean_params
 from apps.experiments.selectors import CONFIG_VERSION_PK
 from apps.experiments.yaml_io import (
@@ -498,4 +501,58 @@ def experiments_import(*, text: str, dry_run: bool = False) -> ImportReport:
         if dry_run:
             # Rolls back every write, and drops the after-commit publish with them.
             transaction.set_rollback(True)
+    return report
+
+
+# --- online evaluation reports -------------------------------------------------------------------
+
+
+def _item_prices() -> dict[int, float]:
+    """Item prices from the clean catalogue (DATA_DIR/clean/items.parquet), for purchases whose
+    feedback carries no value; empty when the pipeline has not cleaned anything yet."""
+    path = Path(settings.DATA_DIR) / "clean" / "items.parquet"
+    if not path.is_file():
+        return {}
+    import pandas as pd
+
+    frame = pd.read_parquet(path, columns=["item_id", "price"]).dropna()
+    return {int(i): float(p) for i, p in zip(frame["item_id"], frame["price"], strict=True)}
+
+
+def online_report_compute(
+    *, day: date, triggered_by: str = "beat", now: datetime | None = None
+) -> OnlineEvaluationReport:
+    """Evaluate one UTC day of exposures and feedback (``apps.experiments.online``) and store it
+    as that day's ``OnlineEvaluationReport``, replacing an earlier computation of the day.
+
+    Safe to run twice. A day still running is evaluated up to ``now``; a future day is refused
+    with ``ExperimentError``. Feedback is read up to 24 hours past the day, so recomputing a
+    day later counts clicks that came after midnight.
+    """
+    from apps.experiments import online
+    from apps.serving.exposure import default_path
+
+    now = now or timezone.now()
+    start = datetime.combine(day, dt_time.min, tzinfo=UTC)
+    if start >= now:
+        raise ExperimentError([f"online report: {day.isoformat()} has not started yet (UTC)"])
+    end = min(start + timedelta(days=1), now)
+    began = time.perf_counter()
+    result = online.evaluate_online(default_path(), start=start, end=end, prices=_item_prices())
+    data = result.to_dict()
+    summary = {"feedback": data["feedback"], "logs": data["logs"]}
+    results = {"by_variant": data["by_variant"], "by_model_version": data["by_model_version"]}
+    with transaction.atomic():
+        report, _ = OnlineEvaluationReport.objects.update_or_create(
+            date=day,
+            defaults={
+                "window_start": start,
+                "window_end": end,
+                "computed_at": now,
+                "results": results,
+                "summary": summary,
+                "seconds": round(time.perf_counter() - began, 3),
+                "triggered_by": triggered_by[:64],
+            },
+        )
     return report

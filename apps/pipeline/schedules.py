@@ -53,6 +53,15 @@ SCHEDULES: tuple[Schedule, ...] = (
         "*",
         "Quality score every 15 minutes (feeds the quality alert).",
     ),
+    # Every day at 00:20 UTC: yesterday's exposures joined to feedback, per variant and model.
+    Schedule(
+        "experiments: online report",
+        "experiments.online_report_compute",
+        {},
+        "20",
+        "0",
+        "Daily online evaluation (CTR, CVR, GMV per variant) of the previous UTC day.",
+    ),
 )
 
 
