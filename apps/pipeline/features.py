@@ -63,7 +63,7 @@ RECALL_CHANNELS: tuple[str, ...] = (
     "vector",
     "tag",
     "category",
-    "price",
+    "price_band",
     "popular",
     "trending",
     "ease",
@@ -476,6 +476,18 @@ def _build_catalogue() -> tuple[FeatureSpec, ...]:
             f"1-based rank in the {channel} recall list (filled by the caller; MISSING_RANK if not recalled).",
             default=MISSING_RANK,
         )
+    for channel in RECALL_CHANNELS:
+        add(
+            f"recall_norm_{channel}",
+            "user_item",
+            f"recall_score_{channel} divided by the largest {channel} score among the same user's candidates in the call (0 if not recalled): comparable across users and across models fitted on more or less history.",
+        )
+    add(
+        "recall_fused_rank",
+        "user_item",
+        "1-based position in the fused candidate list the ranker re-orders (filled by the caller from `fused_rank`; MISSING_RANK if absent).",
+        default=MISSING_RANK,
+    )
     add(
         "recall_channels_hit",
         "user_item",
@@ -1553,12 +1565,18 @@ def _table(
 
 
 def _recall_columns(pairs: pd.DataFrame) -> dict[str, FloatArray]:
-    """The recall columns present in ``pairs``, sanitised, and the two aggregates."""
+    """The recall columns present in ``pairs``, sanitised, and the derived ones.
+
+    ``recall_norm_<channel>`` divides a channel's score by the largest score that channel gave
+    among the same user's rows of ``pairs`` (one user per call online, a block of users in
+    training): raw scores grow with the history a model was fitted on, ratios do not.
+    """
     n = len(pairs)
     cols: dict[str, FloatArray] = {}
     hits = np.zeros(n)
     best = np.full(n, MISSING_RANK)
     present = set(pairs.columns)
+    groups: IntArray | None = None
     for channel in RECALL_CHANNELS:
         score_name, rank_name = f"recall_score_{channel}", f"recall_rank_{channel}"
         if score_name not in present and rank_name not in present:
@@ -1573,9 +1591,31 @@ def _recall_columns(pairs: pd.DataFrame) -> dict[str, FloatArray]:
         hits += (rank < MISSING_RANK) | (score > 0)
         best = np.minimum(best, rank)
         cols[score_name], cols[rank_name] = score, rank
+        if score_name in present and n:
+            if groups is None:
+                groups = _user_groups(pairs)
+            top = np.zeros(int(groups.max()) + 1)
+            np.maximum.at(top, groups, score)
+            denominator = top[groups]
+            cols[f"recall_norm_{channel}"] = np.where(
+                denominator > 0, score / np.where(denominator > 0, denominator, 1.0), 0.0
+            )
     cols["recall_channels_hit"] = hits
     cols["recall_best_rank"] = best
+    if "fused_rank" in present:
+        fused = _numeric(pairs, "fused_rank", MISSING_RANK)
+        cols["recall_fused_rank"] = np.where(
+            np.isfinite(fused) & (fused >= 1), np.minimum(fused, MISSING_RANK), MISSING_RANK
+        )
     return cols
+
+
+def _user_groups(pairs: pd.DataFrame) -> IntArray:
+    """A dense group code per row, one per distinct user id (0..n_users-1)."""
+    users = pairs["user_id"].to_numpy()
+    if len(users) and (users == users[0]).all():
+        return np.zeros(len(users), dtype=np.intp)
+    return pd.factorize(users)[0].astype(np.intp)
 
 
 def _numeric(pairs: pd.DataFrame, name: str, default: float) -> FloatArray:

@@ -376,6 +376,28 @@ def test_recall_columns_are_taken_from_the_caller_with_safe_defaults(builder):
     assert np.isfinite(matrix).all()
 
 
+def test_normalised_recall_scores_are_per_user_and_the_fused_rank_is_carried(builder):
+    pairs = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 2],
+            "item_id": [10, 11, 20, 10, 11],
+            # user 2's scores are ten times user 1's: a model fitted on more history
+            "recall_score_ease": [0.5, 0.25, 0.0, 5.0, 2.5],
+            "recall_rank_ease": [1, 2, np.nan, 1, 2],
+            "fused_rank": [1, 2, 3, 1, np.nan],
+        }
+    )
+    matrix, names = builder.transform_pairs(pairs)
+    rows = pd.DataFrame(matrix, columns=names)
+    assert rows["recall_norm_ease"].tolist() == pytest.approx([1.0, 0.5, 0.0, 1.0, 0.5])
+    # a channel nobody passed has no scores to normalise
+    assert (rows["recall_norm_itemcf"] == 0).all()
+    assert rows["recall_fused_rank"].tolist() == [1, 2, 3, 1, MISSING_RANK]
+    # without a fused_rank column the catalogue default applies
+    alone, _ = builder.transform_pairs(pairs.drop(columns="fused_rank"))
+    assert (alone[:, names.index("recall_fused_rank")] == MISSING_RANK).all()
+
+
 # --- context and time ---------------------------------------------------------------------------
 
 

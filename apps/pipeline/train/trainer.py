@@ -92,12 +92,16 @@ class TrainConfig:
     seed: int = 42
     max_users: int = 4000
     store_list_size: int = 50
+    # Ranker label grade per event (whole numbers). Match it to what counts as relevant: where
+    # every engagement is equally relevant (public benchmarks), binary grades fit the metric.
+    label_weights: Mapping[str, float] = field(default_factory=lambda: dict(LABEL_WEIGHTS))
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for MLflow."""
-        out: dict[str, Any] = {
-            k: v for k, v in self.__dict__.items() if k not in ("channels", "channel_weights")
-        }
+        nested = ("channels", "channel_weights", "label_weights")
+        out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k not in nested}
+        for event, grade in sorted(self.label_weights.items()):
+            out[f"label_{event}"] = float(grade)
         out["channels"] = ",".join(self.channels)
         for name in self.channels:
             out[f"weight_{name}"] = float(self.channel_weights.get(name, 1.0))
@@ -205,18 +209,13 @@ def candidate_pairs(
             values=["score", "rank"],
             aggfunc="first",
         )
-        wide.columns = [f"recall_{kind}_{_feature_channel(ch)}" for kind, ch in wide.columns]
+        wide.columns = [f"recall_{kind}_{ch}" for kind, ch in wide.columns]
         fused = fused.merge(wide.reset_index(), on=["user_id", "item_id"], how="left")
     for name in ft.RECALL_CHANNELS:
         score, rank = f"recall_score_{name}", f"recall_rank_{name}"
         fused[score] = fused[score].fillna(0.0) if score in fused else 0.0
         fused[rank] = fused[rank].fillna(ft.MISSING_RANK) if rank in fused else ft.MISSING_RANK
     return fused
-
-
-def _feature_channel(name: str) -> str:
-    """The feature catalogue's name for a channel (it predates the ``price_band`` name)."""
-    return name if name in ft.RECALL_CHANNELS else {"price_band": "price"}.get(name, name)
 
 
 def _truth(
@@ -305,7 +304,9 @@ def train_bundle(
         window = after[
             (after["ts"] >= start) & ((after["ts"] < stop) if stop is not None else True)
         ]
-        labels = rk.build_labels(pairs[["user_id", "item_id"]], window, LABEL_WEIGHTS, graded=True)
+        labels = rk.build_labels(
+            pairs[["user_id", "item_id"]], window, config.label_weights, graded=True
+        )
         pairs = pairs.merge(
             labels[["user_id", "item_id", "label"]], on=["user_id", "item_id"], how="left"
         )
