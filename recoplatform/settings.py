@@ -149,6 +149,14 @@ RECO = {
     "SMOKE_P95_MS": env_float("RECO_SMOKE_P95_MS", 100.0, minimum=0.1),
     # Exposure log (JSON lines, size-rotated); feedback.jsonl and audit.jsonl sit beside it.
     "EXPOSURE_LOG": env_str("RECO_EXPOSURE_LOG", str(DATA_DIR / "exposures" / "exposures.jsonl")),
+    # Serving: the whole request's engine budget, the Redis socket timeouts, how often a worker
+    # polls the registry, whether it also listens for change messages on Redis, and the share
+    # of requests the shadow model scores in the background.
+    "SERVING_BUDGET_MS": env_float("RECO_SERVING_BUDGET_MS", 150.0, minimum=1.0),
+    "SERVING_REDIS_TIMEOUT_MS": env_int("RECO_SERVING_REDIS_TIMEOUT_MS", 50, minimum=1),
+    "SERVING_POLL_SECONDS": env_float("RECO_SERVING_POLL_SECONDS", 5.0, minimum=0.1),
+    "SERVING_PUBSUB": env_bool("RECO_SERVING_PUBSUB", default=True),
+    "SHADOW_SAMPLE": env_float("RECO_SHADOW_SAMPLE", 0.2, minimum=0.0),
 }
 
 # --- Internationalisation, static files ------------------------------------------------------

@@ -52,6 +52,17 @@ def model_version_serving_state() -> dict[str, Any]:
     return state
 
 
+def model_version_servable(versions: list[str]) -> dict[str, dict[str, Any]]:
+    """Versions an experiment variant may pin, by name: any registered version that has not
+    been rejected (a pinned name that is unknown or rejected serves the normal routing)."""
+    rows = (
+        ModelVersion.objects.filter(version__in=versions)
+        .exclude(status=ModelStatus.REJECTED)
+        .values("id", "version", "bundle_path", "traffic_share")
+    )
+    return {row["version"]: row for row in rows}
+
+
 def model_audit_for_version(*, version_id: int) -> QuerySet[ModelAudit]:
     """The audit trail of one version, newest first."""
     return ModelAudit.objects.filter(model_version_id=version_id).order_by("-created_at", "-id")

@@ -24,18 +24,21 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.experiments.choices import Scene
+from apps.experiments.params import VariantParams
 from apps.models.selectors import model_version_serving_state
 from apps.serving import metrics
 from apps.serving.auth import ADMIN_AUTHENTICATION, IsStaffWithReloadPermission
-from apps.serving.engine import recommend
-from apps.serving.engine.degrade import Outcome
-from apps.serving.engine.recommend import RecItem
+from apps.serving.engine import diversity, recommend
+from apps.serving.engine.degrade import Deadline, Outcome
+from apps.serving.engine.recommend import Options, RecItem, Stores
 from apps.serving.engine.snapshot import ServingSnapshot
+from apps.serving.engine.sources import Reason
 from apps.serving.exposure import AUDIT, EXPOSURES, FEEDBACK, get_writer
 from apps.serving.serializers import (
     SANE_TOKEN,
     AssignmentInput,
     AssignmentOutput,
+    DetailInput,
     ErrorOutput,
     FeedbackAcceptedOutput,
     FeedbackInput,
@@ -45,7 +48,8 @@ from apps.serving.serializers import (
     ReloadOutput,
     SimilarInput,
 )
-from apps.serving.state import Current, get_state
+from apps.serving.shadow import ShadowJob, get_pool
+from apps.serving.state import Current, get_state, stores_with_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,60 @@ DEFAULT_VARIANT = "default"
 # Not a `Reason` of the chain: there is no bundle to ask at all (an empty registry, or the
 # primary's bundle never loaded).
 NO_MODEL = "no_model"
+# The whole request's budget for the engine (Redis, local store, ranker); later steps see what
+# is left and a step that would start after it is skipped (RECO["SERVING_BUDGET_MS"]).
+DEFAULT_BUDGET_MS = 150
+# How many more items than `limit` a diversity re-ranking chooses from.
+DIVERSITY_POOL = 3
+
+
+def _budget_seconds() -> float:
+    from django.conf import settings
+
+    return float(getattr(settings, "RECO", {}).get("SERVING_BUDGET_MS", DEFAULT_BUDGET_MS)) / 1e3
+
+
+class RequestContext:
+    """What `answer()` needs besides the snapshot: stores with this request's deadline, the
+    variant's parameters, and the ranker-failure note the response reports."""
+
+    __slots__ = ("current", "params", "ranker_error", "stores")
+
+    def __init__(self, current: Current, stores: Stores, params: VariantParams) -> None:
+        self.current = current
+        self.params = params
+        self.stores = stores
+        self.ranker_error: str | None = None
+
+    @classmethod
+    def for_request(
+        cls, current: Current, snapshot: ServingSnapshot, params: VariantParams
+    ) -> RequestContext:
+        """The context of one request: `snapshot`'s stores under the request's budget."""
+        deadline = Deadline.after(_budget_seconds())
+        return cls(current, stores_with_deadline(current.stores_for(snapshot), deadline), params)
+
+    def _ranker_failed(self, error: str) -> None:
+        self.ranker_error = error
+
+    def options(self) -> Options:
+        """Engine options from the variant (None = the snapshot's defaults)."""
+        return Options(
+            channel_weights=self.params.channel_weights,
+            use_ranker=self.params.ranker is not False,
+            on_ranker_failed=self._ranker_failed,
+            on_lists=metrics.observe_candidates,
+        )
+
+    def pool_limit(self, limit: int) -> int:
+        """How many items to ask the engine for: more when a diversity pass will choose."""
+        method = self.params.diversity.method if self.params.diversity else None
+        if method in (None, diversity.NONE):
+            return limit
+        return min(100, limit * DIVERSITY_POOL)
+
+
+_NO_PARAMS = VariantParams()
 
 
 def request_id(request: Request) -> str:
@@ -100,13 +158,14 @@ class RecommendationView(APIView):
     scene: str = ""
 
     def answer(
-        self, snapshot: ServingSnapshot, current: Current, data: dict[str, Any]
+        self, snapshot: ServingSnapshot, ctx: RequestContext, data: dict[str, Any]
     ) -> Outcome[RecItem]:
         raise NotImplementedError
 
-    def unit_id(self, data: dict[str, Any]) -> int | None:
-        """Who experiments bucket on (the user), when known."""
-        return data.get("user_id")
+    def unit_id(self, data: dict[str, Any]) -> int | str | None:
+        """Who experiments and the canary bucket on: the user, else the anonymous visitor."""
+        user = data.get("user_id")
+        return user if user is not None else data.get("visitor_id")
 
     def respond(self, request: Request, params: dict[str, Any]) -> Response:
         started = time.perf_counter()
@@ -122,12 +181,15 @@ class RecommendationView(APIView):
         data = dict(form.validated_data)
         current = get_state().current()
         variant = DEFAULT_VARIANT
+        variant_params = _NO_PARAMS
         unit = self.unit_id(data)
         if unit is not None:
             assignment = current.experiments.assign(self.scene, unit, now=timezone.now())
             if assignment is not None:
                 variant = assignment.label
-        snapshot = current.snapshot
+                variant_params = assignment.variant.params
+        snapshot = current.route(unit, variant_params.model_version)
+        prices: dict[int, float | None] = {}
         if snapshot is None:
             body = {
                 "request_id": rid,
@@ -139,26 +201,108 @@ class RecommendationView(APIView):
                 "items": [],
             }
         else:
-            outcome = self.answer(snapshot, current, data)
+            ctx = RequestContext.for_request(current, snapshot, variant_params)
+            outcome = self.answer(snapshot, ctx, data)
+            items = self._diversify(snapshot, ctx, outcome.items, data)
+            reason = str(outcome.reason) if outcome.degraded else None
+            if reason is None and ctx.ranker_error is not None:
+                reason = (
+                    Reason.RANKER_TIMEOUT
+                    if ctx.ranker_error == "budget_exceeded"
+                    else Reason.RANKER_FAILED
+                )
             body = {
                 "request_id": rid,
                 "model_version": snapshot.model_version,
                 "variant": variant,
                 "source": str(outcome.source),
-                "degraded": outcome.degraded,
-                "degrade_reason": str(outcome.reason) if outcome.degraded else None,
-                "items": [item.__dict__ for item in outcome.items],
+                "degraded": reason is not None,
+                "degrade_reason": None if reason is None else str(reason),
+                "items": [item.__dict__ for item in items],
             }
-        metrics.set_model_version(body["model_version"])
+            prices = {item.item_id: item.price for item in items}
+            metrics.ROUTED.labels(role=self._role(current, snapshot)).inc()
+            self._shadow(current, snapshot, ctx, data, body)
+        metrics.set_model_version(current.snapshot.model_version if current.snapshot else None)
         if body["degraded"]:
             metrics.observe_degraded(body["degrade_reason"])
-        self.log_exposure(body, data, started)
+        self.log_exposure(body, data, started, prices)
         # `body` already has RecommendationOutput's shape (the serializer documents it in the
         # schema); serialising 20 items through DRF fields cost ~1.2 ms of a ~2 ms request.
         return Response(body, headers={"X-Request-ID": rid})
 
-    def log_exposure(self, body: dict[str, Any], data: dict[str, Any], started: float) -> None:
+    @staticmethod
+    def _role(current: Current, snapshot: ServingSnapshot) -> str:
+        if snapshot is current.snapshot:
+            return "primary"
+        if snapshot is current.canary:
+            return "canary"
+        return "pinned"
+
+    @staticmethod
+    def _diversify(
+        snapshot: ServingSnapshot,
+        ctx: RequestContext,
+        items: Any,
+        data: dict[str, Any],
+    ) -> list[RecItem]:
+        chosen = ctx.params.diversity
+        limit = data.get("limit", 10)
+        if chosen is None or chosen.method == diversity.NONE:
+            return list(items[:limit])
+
+        def category_of(item: RecItem) -> str:
+            info = snapshot.catalogue.get(item.item_id)
+            return info.category if info is not None else ""
+
+        return diversity.diversify(
+            list(items),
+            category_of,
+            limit,
+            method=chosen.method,
+            lambda_=chosen.lambda_,
+            max_per_category=chosen.max_per_category,
+        )
+
+    def _shadow(
+        self,
+        current: Current,
+        snapshot: ServingSnapshot,
+        ctx: RequestContext,
+        data: dict[str, Any],
+        body: dict[str, Any],
+    ) -> None:
+        """Hand a sample of requests to the shadow model (never blocks, never fails)."""
+        shadow = current.shadow
+        if shadow is None or shadow is snapshot or self.scene == Scene.POPULAR:
+            return
+        pool = get_pool()
+        if not pool.wanted():
+            return
+        # Off the request path: the shadow has no request budget, only the ranker's own.
+        shadow_ctx = RequestContext(
+            current, stores_with_deadline(current.stores_for(shadow), None), ctx.params
+        )
+        pool.submit(
+            ShadowJob(
+                request_id=body["request_id"],
+                scene=self.scene,
+                served_version=snapshot.model_version,
+                shadow_version=shadow.model_version,
+                served_items=tuple(item["item_id"] for item in body["items"]),
+                run=lambda: self.answer(shadow, shadow_ctx, data),
+            )
+        )
+
+    def log_exposure(
+        self,
+        body: dict[str, Any],
+        data: dict[str, Any],
+        started: float,
+        prices: dict[int, float | None] | None = None,
+    ) -> None:
         """Queue the exposure line (never blocks; a full queue drops and counts it)."""
+        prices = prices or {}
         get_writer().submit(
             EXPOSURES,
             {
@@ -174,7 +318,12 @@ class RecommendationView(APIView):
                 "source": body["source"],
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3),
                 "items": [
-                    {"item_id": item["item_id"], "position": position, "channel": item["channel"]}
+                    {
+                        "item_id": item["item_id"],
+                        "position": position,
+                        "channel": item["channel"],
+                        "price": prices.get(item["item_id"]),
+                    }
                     for position, item in enumerate(body["items"], start=1)
                 ],
             },
@@ -201,9 +350,15 @@ class ForYouView(RecommendationView):
         return self.respond(request, request.query_params.dict())
 
     def answer(
-        self, snapshot: ServingSnapshot, current: Current, data: dict[str, Any]
+        self, snapshot: ServingSnapshot, ctx: RequestContext, data: dict[str, Any]
     ) -> Outcome[RecItem]:
-        return recommend.for_you(snapshot, current.stores, data["user_id"], data["limit"])
+        return recommend.for_you(
+            snapshot,
+            ctx.stores,
+            data["user_id"],
+            ctx.pool_limit(data["limit"]),
+            options=ctx.options(),
+        )
 
 
 class SimilarView(RecommendationView):
@@ -231,9 +386,47 @@ class SimilarView(RecommendationView):
         return self.respond(request, {**request.query_params.dict(), "item_id": item_id})
 
     def answer(
-        self, snapshot: ServingSnapshot, current: Current, data: dict[str, Any]
+        self, snapshot: ServingSnapshot, ctx: RequestContext, data: dict[str, Any]
     ) -> Outcome[RecItem]:
-        return recommend.similar(snapshot, current.stores, data["item_id"], data["limit"])
+        return recommend.similar(
+            snapshot, ctx.stores, data["item_id"], ctx.pool_limit(data["limit"])
+        )
+
+
+class DetailView(RecommendationView):
+    """GET /api/v1/items/<item_id>/for-user?user_id=&limit=: the item page personalised for a
+    user: the item's similar items ordered by the ranker for this user (similar order for a
+    user the bundle does not know, or without a ranker)."""
+
+    input_class = DetailInput
+    scene = Scene.DETAIL
+
+    @extend_schema(
+        operation_id="items_for_user",
+        summary="Detail-page recommendations for an item, personalised for a user",
+        parameters=[
+            OpenApiParameter(
+                "item_id", OpenApiTypes.INT, OpenApiParameter.PATH, description="1..2^63-1"
+            ),
+            OpenApiParameter("user_id", OpenApiTypes.INT, required=True, description="1..2^63-1"),
+            *LIMIT_PARAMETERS,
+        ],
+        responses={200: RecommendationOutput, 400: BAD_REQUEST},
+    )
+    def get(self, request: Request, item_id: str) -> Response:
+        return self.respond(request, {**request.query_params.dict(), "item_id": item_id})
+
+    def answer(
+        self, snapshot: ServingSnapshot, ctx: RequestContext, data: dict[str, Any]
+    ) -> Outcome[RecItem]:
+        return recommend.detail(
+            snapshot,
+            ctx.stores,
+            data["item_id"],
+            data["user_id"],
+            ctx.pool_limit(data["limit"]),
+            options=ctx.options(),
+        )
 
 
 class PopularView(RecommendationView):
@@ -255,9 +448,9 @@ class PopularView(RecommendationView):
         return self.respond(request, request.query_params.dict())
 
     def answer(
-        self, snapshot: ServingSnapshot, current: Current, data: dict[str, Any]
+        self, snapshot: ServingSnapshot, ctx: RequestContext, data: dict[str, Any]
     ) -> Outcome[RecItem]:
-        return recommend.popular(snapshot, data["limit"], data.get("category"))
+        return recommend.popular(snapshot, ctx.pool_limit(data["limit"]), data.get("category"))
 
 
 class FeedbackView(APIView):
@@ -332,10 +525,16 @@ class AssignmentView(APIView):
         current = get_state().current()
         live = model_version_serving_state()  # one query
         now = timezone.now()
-        variants = {}
+        variants: dict[str, str] = {}
+        params: dict[str, dict[str, Any]] = {}
+        served: dict[str, str | None] = {}
         for scene in Scene.values:
             assignment = current.experiments.assign(scene, user_id, now=now)
             variants[scene] = assignment.label if assignment is not None else DEFAULT_VARIANT
+            chosen = assignment.variant.params if assignment is not None else _NO_PARAMS
+            params[scene] = _params_json(chosen)
+            snapshot = current.route(user_id, chosen.model_version)
+            served[scene] = snapshot.model_version if snapshot is not None else None
 
         def version(row: dict[str, Any] | None) -> dict[str, Any] | None:
             if row is None:
@@ -350,7 +549,32 @@ class AssignmentView(APIView):
             "canary": version(live["canary"]),
             "shadow": version(live["shadow"]),
             "variants": variants,
+            "params": params,
+            "served_version": served,
         }
+
+
+def _params_json(params: VariantParams) -> dict[str, Any]:
+    """A variant's overrides as JSON (only the keys it sets)."""
+    out: dict[str, Any] = {}
+    if params.channel_weights is not None:
+        out["channel_weights"] = dict(params.channel_weights)
+    if params.ranker is not None:
+        out["ranker"] = params.ranker
+    if params.model_version is not None:
+        out["model_version"] = params.model_version
+    if params.diversity is not None:
+        chosen = params.diversity
+        out["diversity"] = {
+            "method": chosen.method,
+            **({"lambda": chosen.lambda_} if chosen.lambda_ is not None else {}),
+            **(
+                {"max_per_category": chosen.max_per_category}
+                if chosen.max_per_category is not None
+                else {}
+            ),
+        }
+    return out
 
 
 class ReloadView(APIView):

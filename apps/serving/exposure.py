@@ -7,7 +7,8 @@ fail a recommendation. The queue is flushed at interpreter exit.
 
 Streams share one writer and one directory: `exposures` goes to RECO["EXPOSURE_LOG"] (default
 DATA_DIR/exposures/exposures.jsonl), `feedback` and `audit` to `feedback.jsonl` and
-`audit.jsonl` beside it. Audit lines are rare and must not be dropped, so `write_now` writes
+`audit.jsonl` beside it, and the shadow model's answers (`shadow`) to `shadow.jsonl`. Audit
+lines are rare and must not be dropped, so `write_now` writes
 them synchronously.
 """
 
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 EXPOSURES = "exposures"
 FEEDBACK = "feedback"
 AUDIT = "audit"
-STREAMS = (EXPOSURES, FEEDBACK, AUDIT)
+SHADOW = "shadow"
+STREAMS = (EXPOSURES, FEEDBACK, AUDIT, SHADOW)
 
 # About 100 ms of peak traffic per worker; beyond that the disk is not keeping up and dropping
 # is better than holding memory.
@@ -73,6 +75,7 @@ class ExposureWriter:
             EXPOSURES: self.path,
             FEEDBACK: self.path.with_name("feedback.jsonl"),
             AUDIT: self.path.with_name("audit.jsonl"),
+            SHADOW: self.path.with_name("shadow.jsonl"),
         }
         self.queue_size = queue_size
         self.max_bytes = max_bytes
@@ -105,6 +108,10 @@ class ExposureWriter:
         if stream == EXPOSURES:
             metrics.EXPOSURES.inc()
         return True
+
+    def queue_size_now(self) -> int:
+        """Lines waiting for the writer thread (approximate, for the queue-size gauge)."""
+        return self._queue.qsize()
 
     def write_now(self, stream: str, record: dict[str, Any]) -> None:
         """Write one record synchronously (audit lines: rare, and never to be dropped)."""

@@ -54,11 +54,42 @@ MODEL_INFO = Gauge(
     multiprocess_mode="liveall",
 )
 
+# 0 closed, 1 half-open, 2 open; "max": the worst worker shows.
+BREAKER_STATE = Gauge(
+    "recommendation_breaker_state",
+    "Circuit breaker state per dependency: 0 closed, 1 half-open, 2 open (worst worker).",
+    ["dependency"],
+    multiprocess_mode="max",
+)
+QUEUE_SIZE = Gauge(
+    "recommendation_thread_pool_queue_size",
+    "Jobs waiting in a background pool of the serving process (shadow scoring, log writer).",
+    ["pool"],
+    multiprocess_mode="livesum",
+)
+CANDIDATES = Counter(
+    "recommendation_candidates_total",
+    "Candidates read from the online store per recall channel.",
+    ["channel"],
+)
+SHADOW = Counter(
+    "recommendation_shadow_total",
+    "Shadow-model scorings by outcome (scored, dropped: queue full, failed).",
+    ["outcome"],
+)
+ROUTED = Counter(
+    "recommendation_routed_total",
+    "Recommendation answers by the registry role of the model that served them.",
+    ["role"],
+)
+
 # Which degradation reasons are timeouts, and of which operation.
 _TIMEOUT_OPERATIONS: dict[str, str] = {
     Reason.REDIS_TIMEOUT: "redis_candidates",
     Reason.BUDGET_EXHAUSTED: "request_budget",
+    Reason.RANKER_TIMEOUT: "ranker",
 }
+_BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 _model_lock = threading.Lock()
 _model_version: str | None = None
@@ -76,6 +107,18 @@ def observe_degraded(reason: str) -> None:
     operation = _TIMEOUT_OPERATIONS.get(reason)
     if operation is not None:
         TIMEOUTS.labels(operation=operation).inc()
+
+
+def observe_breaker(dependency: str, state: str) -> None:
+    """Export a breaker's state (closed / half_open / open)."""
+    BREAKER_STATE.labels(dependency=dependency).set(_BREAKER_VALUES.get(state, 2.0))
+
+
+def observe_candidates(lists: dict[str, list[tuple[int, float]]]) -> None:
+    """Count the candidates each channel contributed to one request."""
+    for channel, items in lists.items():
+        if items:
+            CANDIDATES.labels(channel=channel).inc(len(items))
 
 
 def set_model_version(version: str | None) -> None:

@@ -52,6 +52,13 @@ class SimilarInput(LimitInput):
     user_id = _id_field(required=False)
 
 
+class DetailInput(LimitInput):
+    """GET /items/<item_id>/for-user: the item page, personalised for `user_id`."""
+
+    item_id = _id_field()
+    user_id = _id_field()
+
+
 class PopularInput(LimitInput):
     """GET /popular."""
 
@@ -146,6 +153,15 @@ class AssignmentOutput(serializers.Serializer):
     canary = LiveVersionOutput(allow_null=True)
     shadow = LiveVersionOutput(allow_null=True)
     variants = serializers.DictField(child=serializers.CharField())
+    params = serializers.DictField(
+        child=serializers.DictField(),
+        help_text="Per scene, the variant's parameter overrides ({} outside an experiment).",
+    )
+    served_version = serializers.DictField(
+        child=serializers.CharField(allow_null=True),
+        help_text="Per scene, the model version that answers this user (variant pin, canary"
+        " bucket or primary).",
+    )
 
 
 class ReloadOutput(serializers.Serializer):

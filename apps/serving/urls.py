@@ -13,6 +13,7 @@ app_name = "serving"
 urlpatterns = [
     path("recommendations/for-you", api.ForYouView.as_view(), name="for-you"),
     path("items/<str:item_id>/similar", api.SimilarView.as_view(), name="similar"),
+    path("items/<str:item_id>/for-user", api.DetailView.as_view(), name="detail"),
     path("popular", api.PopularView.as_view(), name="popular"),
     path("feedback", api.FeedbackView.as_view(), name="feedback"),
     path("users/<str:user_id>/assignment", api.AssignmentView.as_view(), name="assignment"),

@@ -241,10 +241,17 @@ def test_each_recommendation_response_writes_one_exposure_line(
     assert first["degraded"] is False
     assert first["degrade_reason"] is None
     assert first["latency_ms"] >= 0
+    # the price shown is logged with the item (online GMV uses it when feedback has no value)
     assert first["items"] == [
-        {"item_id": 10, "position": 1, "channel": body["items"][0]["channel"]},
-        {"item_id": 11, "position": 2, "channel": body["items"][1]["channel"]},
+        {
+            "item_id": item["item_id"],
+            "position": position,
+            "channel": item["channel"],
+            "price": item["price"],
+        }
+        for position, item in enumerate(body["items"], start=1)
     ]
+    assert [item["item_id"] for item in first["items"]] == [10, 11]
     assert second["scene"] == "popular"
     assert second["user_id"] is None
 

@@ -17,7 +17,7 @@ from apps.pipeline.train import ranker as rk
 from apps.pipeline.train.recall import RECALLERS
 from apps.pipeline.train.trainer import TrainConfig, train_bundle
 from apps.serving.engine.rank import Ranker, RankerLoadError, fuse_lists, has_ranker
-from apps.serving.engine.recommend import Stores, for_you
+from apps.serving.engine.recommend import Options, Stores, for_you
 from apps.serving.engine.snapshot import SnapshotError, load_snapshot
 from apps.serving.engine.sources import Source
 from tests.demo_frames import demo_clean_frames
@@ -104,8 +104,9 @@ def test_rank_orders_candidates_by_the_model_score(bundle: Path, ranker: Ranker,
     # The same pairs through transform_pairs and the model give the same scores.
     model = rk.load_ranker(bundle / "ranker")
     rows = []
-    for item, _, _, hits in candidates:
-        row = {"user_id": user, "item_id": item}
+    for position, (item, _, _, hits) in enumerate(candidates, start=1):
+        # Training's candidate_pairs carries the fused position as `fused_rank`.
+        row = {"user_id": user, "item_id": item, "fused_rank": position}
         for channel, (score, rank) in hits.items():
             row[f"recall_score_{channel}"] = score
             row[f"recall_rank_{channel}"] = rank
@@ -196,6 +197,31 @@ def test_for_you_reports_a_failing_ranker_and_serves_recall_order(bundle: Path, 
         fused = [c[0] for c in fuse_lists(lists, snap.channel_weights, 200)]
         assert [r.item_id for r in out.items] == fused[:10]
         assert out.source is Source.REDIS
+    finally:
+        snap.close()
+
+
+def test_a_variant_without_the_ranker_gets_the_fused_recall_order(bundle: Path, user_lists):
+    snap = load_snapshot(bundle, "v1")
+    try:
+        user, lists = _some_user(user_lists)
+        stores = Stores(redis=FakeRedis(user_lists))  # type: ignore[arg-type]
+        original = snap.ranker.scorer
+        snap.ranker.scorer = None  # type: ignore[assignment]  # would raise if it were asked
+        failures: list[str] = []
+        try:
+            out = for_you(
+                snap,
+                stores,
+                user,
+                10,
+                options=Options(use_ranker=False, now=NOW, on_ranker_failed=failures.append),
+            )
+        finally:
+            snap.ranker.scorer = original
+        assert failures == []  # not asked, so not failed
+        fused = [c[0] for c in fuse_lists(lists, snap.channel_weights, 200)]
+        assert [r.item_id for r in out.items] == fused[:10]
     finally:
         snap.close()
 

@@ -13,8 +13,8 @@ it returns the candidates in recall (fused) order with `failed=True`, which the 
 `ranker_failed` (a kept recall order, not an error).
 
 Features match training: per-channel recall scores and ranks become the
-`recall_score_<c>`/`recall_rank_<c>` columns (the catalogue calls the `price_band` channel
-`price`), absent channels get the training defaults (0 / `MISSING_RANK`), and no scene is
+`recall_score_<c>`/`recall_rank_<c>` columns and the candidate's position the `fused_rank`
+column; absent channels get the training defaults (0 / `MISSING_RANK`), and no scene is
 passed (training used none).
 """
 
@@ -57,6 +57,11 @@ class RankerLoadError(Exception):
     """The bundle's ranker cannot serve (unreadable files, schema mismatch, failed smoke)."""
 
 
+_PURCHASES: int | None = (
+    ft.FEATURE_NAMES.index("ui_past_purchases") if "ui_past_purchases" in ft.FEATURE_NAMES else None
+)
+
+
 @dataclass(frozen=True)
 class RankResult:
     """Ranked `(item_id, score, channel)` rows; `failed` means they are in recall order."""
@@ -65,11 +70,6 @@ class RankResult:
     failed: bool = False
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def feature_channel(name: str) -> str:
-    """The feature catalogue's name for a recall channel (it predates `price_band`)."""
-    return name if name in ft.RECALL_CHANNELS else {"price_band": "price"}.get(name, name)
 
 
 def has_ranker(bundle_dir: str | Path) -> bool:
@@ -224,6 +224,15 @@ class Ranker:
         now: pd.Timestamp | None = None,
     ) -> npt.NDArray[np.float32]:
         """The model's float32 feature matrix of the candidates, one row each."""
+        return self._features(user_id, candidates, now)[0]
+
+    def _features(
+        self,
+        user_id: int,
+        candidates: Sequence[Candidate],
+        now: pd.Timestamp | None = None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_] | None]:
+        """The model matrix and, per row, whether the user already bought the item."""
         n = len(candidates)
         scores = np.zeros((len(ft.RECALL_CHANNELS), n))
         ranks = np.full((len(ft.RECALL_CHANNELS), n), ft.MISSING_RANK)
@@ -233,7 +242,7 @@ class Ranker:
             for channel, (score, rank) in candidate[3].items():
                 k = slot_of.get(channel)
                 if k is None:
-                    k = slot_of[channel] = self._slot.get(feature_channel(channel), -1)
+                    k = slot_of[channel] = self._slot.get(channel, -1)
                 if k >= 0:
                     scores[k, row] = score
                     ranks[k, row] = rank
@@ -248,9 +257,18 @@ class Ranker:
             if hit[k]:
                 columns[self._score_cols[channel]] = scores[k]
                 columns[self._rank_cols[channel]] = ranks[k]
+        # Candidates arrive in fused (recall) order, as the training pairs' `fused_rank`.
+        columns["fused_rank"] = np.arange(1, n + 1, dtype=np.float64)
         when = self.cutoff if now is None else max(pd.Timestamp(now), self.cutoff)
         X, _ = self.builder.transform_pairs(pd.DataFrame(columns), when)
-        return self._model_matrix(X)
+        purchased = X[:, _PURCHASES] > 0 if _PURCHASES is not None else None
+        return self._model_matrix(X), purchased
+
+    def knows_user(self, user_id: int) -> bool:
+        """Whether the bundle's feature state has history for the user."""
+        ids = self.builder.user_ids_
+        pos = int(np.searchsorted(ids, user_id))
+        return pos < len(ids) and int(ids[pos]) == int(user_id)
 
     def rank(
         self,
@@ -272,7 +290,7 @@ class Ranker:
         budget = self.budget_s if budget_s is None else budget_s
         try:
             started = time.perf_counter()
-            X = self.features(user_id, candidates, now)
+            X, purchased = self._features(user_id, candidates, now)
             built = time.perf_counter()
             scores = self.scorer.score(X)
             done = time.perf_counter()
@@ -290,6 +308,9 @@ class Ranker:
             )
             return RankResult(recall, failed=True, error="budget_exceeded", timings=timings)
         order = np.argsort(-scores, kind="stable")
+        if purchased is not None and purchased.shape == scores.shape and purchased.any():
+            # Items the user already bought (in the bundle's history) are never recommended.
+            order = order[~purchased[order]]
         score_list = scores.tolist()
         items = [(recall[k][0], score_list[k], recall[k][2]) for k in order.tolist()]
         return RankResult(items, timings=timings)

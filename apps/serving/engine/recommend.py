@@ -155,17 +155,21 @@ def rank_candidates(
     lists: Mapping[str, list[tuple[int, float]]],
     *,
     channel_weights: Mapping[str, float] | None = None,
+    use_ranker: bool = True,
     now: pd.Timestamp | None = None,
     deadline: Deadline | None = None,
     on_ranker_failed: Callable[[str], None] | None = None,
 ) -> list[tuple[int, float, str]]:
     """Per-channel candidate lists in serving order: fused and re-ranked when the snapshot has
-    a ranker (recall order if it fails), merged by score when it has none."""
+    a ranker (recall order if it fails, or if `use_ranker` is False: an experiment arm without
+    the ranker), merged by score when it has none."""
     ranker = snapshot.ranker
     if ranker is None:
         return _merge_by_score(lists)
     weights = snapshot.channel_weights if channel_weights is None else channel_weights
     candidates = fuse_lists(lists, weights, MAX_CANDIDATES)
+    if not use_ranker:
+        return [(c[0], c[1], c[2]) for c in candidates]
     budget = ranker.budget_s
     if deadline is not None:
         budget = min(budget, deadline.remaining())
@@ -174,6 +178,24 @@ def rank_candidates(
     if result.failed and on_ranker_failed is not None:
         on_ranker_failed(result.error or "ranker_failed")
     return result.items
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request choices, mostly from an experiment variant (None/True = serving default).
+
+    `on_lists` receives the per-channel candidate lists read from Redis (metrics);
+    `on_ranker_failed(error)` is called when the ranker failed and recall order was kept.
+    """
+
+    channel_weights: Mapping[str, float] | None = None
+    use_ranker: bool = True
+    now: pd.Timestamp | None = None
+    on_ranker_failed: Callable[[str], None] | None = None
+    on_lists: Callable[[dict[str, list[tuple[int, float]]]], None] | None = None
+
+
+DEFAULT_OPTIONS = Options()
 
 
 def for_you(
@@ -186,6 +208,7 @@ def for_you(
     channel_weights: Mapping[str, float] | None = None,
     now: pd.Timestamp | None = None,
     on_ranker_failed: Callable[[str], None] | None = None,
+    options: Options | None = None,
 ) -> Outcome[RecItem]:
     """The user's ranked list; an unknown user gets the popular list (reason `empty`, not
     degraded).
@@ -194,19 +217,27 @@ def for_you(
     module docstring): `channel_weights` overrides the snapshot's (an experiment variant),
     `now` is the request time for the features (default: the wall clock), and
     `on_ranker_failed(error)` is called when the ranker failed and recall order was kept.
+    `options` carries the same choices (and a few more) as one object; explicit keyword
+    arguments win over it.
     """
+    opts = options or DEFAULT_OPTIONS
+    weights = channel_weights if channel_weights is not None else opts.channel_weights
+    failed = on_ranker_failed or opts.on_ranker_failed
     skip = set(exclude)
 
     def from_redis(store: RedisCandidateStore) -> list[RecItem]:
         lists = store.get_user_lists(user_id, snapshot.channels)
+        if opts.on_lists is not None:
+            opts.on_lists(lists)
         ordered = rank_candidates(
             snapshot,
             user_id,
             lists,
-            channel_weights=channel_weights,
-            now=now,
+            channel_weights=weights,
+            use_ranker=opts.use_ranker,
+            now=now if now is not None else opts.now,
             deadline=stores.deadline,
-            on_ranker_failed=on_ranker_failed,
+            on_ranker_failed=failed,
         )
         return _items(snapshot, ordered, limit, skip)
 
@@ -242,6 +273,53 @@ def similar(
             skip,
             similar_to=item_id,
         ),
+        lambda: _items(snapshot, _popular_pairs(snapshot), limit, skip),
+        deadline=stores.deadline,
+        count=stores.count,
+    )
+
+
+def detail(
+    snapshot: ServingSnapshot,
+    stores: Stores,
+    item_id: int,
+    user_id: int,
+    limit: int,
+    exclude: Collection[int] = frozenset(),
+    *,
+    options: Options | None = None,
+) -> Outcome[RecItem]:
+    """Detail-page recommendations: items similar to `item_id`, ordered for `user_id`.
+
+    The similar items of every channel (Redis, else the local store, else popular) become the
+    candidates, each channel's score and rank its recall features, and the ranker scores them
+    for this user (its user and user x item features personalise the order). Without a
+    ranker, when the ranker is switched off, or for a user the bundle does not know, the
+    similar order is kept. The user's already-bought items (those in the bundle's history)
+    are excluded like everywhere else.
+    """
+    opts = options or DEFAULT_OPTIONS
+    skip = {*exclude, item_id}
+    pool = min(MAX_CANDIDATES, max(limit * 5, 50))
+
+    def personalise(lists: dict[str, list[tuple[int, float]]]) -> list[RecItem]:
+        ranker = snapshot.ranker
+        if ranker is None or not opts.use_ranker or not ranker.knows_user(user_id):
+            return _items(snapshot, _merge_by_score(lists), limit, skip, similar_to=item_id)
+        ordered = rank_candidates(
+            snapshot,
+            user_id,
+            lists,
+            channel_weights=opts.channel_weights,
+            now=opts.now,
+            deadline=stores.deadline,
+            on_ranker_failed=opts.on_ranker_failed,
+        )
+        return _items(snapshot, ordered[: pool * 2], limit, skip, similar_to=item_id)
+
+    return recommend_with_fallback(
+        _redis_step(stores, lambda store: personalise(store.get_similar(item_id))),
+        lambda: personalise(snapshot.local_store.similar(item_id)),
         lambda: _items(snapshot, _popular_pairs(snapshot), limit, skip),
         deadline=stores.deadline,
         count=stores.count,

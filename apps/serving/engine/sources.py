@@ -30,6 +30,10 @@ class Reason(StrEnum):
     LOCAL_STORE_UNAVAILABLE = "local_store_unavailable"
     # The request budget ran out before a step could start: the step was skipped.
     BUDGET_EXHAUSTED = "budget_exhausted"
+    # The ranker raised or returned unusable scores / took longer than its budget: the answer
+    # keeps the fused recall order (not a fallback step, but a worse answer: degraded).
+    RANKER_FAILED = "ranker_failed"
+    RANKER_TIMEOUT = "ranker_timeout"
     # Every source that was asked answered, but had nothing for this key (a cold-start user):
     # not a dependency failure, so it does not mark the response degraded.
     EMPTY = "empty"
