@@ -26,6 +26,7 @@ from apps.models import services
 from apps.models.bundle import read_manifest
 from apps.models.choices import AuditOutcome, ModelStatus
 from apps.models.models import EvaluationReport, ModelAudit, ModelVersion
+from apps.pipeline import tasks as pipeline_tasks
 
 STATUS_COLOURS = {
     ModelStatus.CANDIDATE: "#6e7781",
@@ -37,6 +38,9 @@ STATUS_COLOURS = {
 }
 KEY_METRICS = ("ndcg@10", "recall@10", "auc")
 ACTION_FORM_TEMPLATE = "admin/registry/modelversion/action_form.html"
+# "Republish to Redis" waits this long for the sync (no broker) so the message can give its
+# result; a slower sync carries on in the background and records its result in the history.
+REDIS_SYNC_WAIT_SECONDS = 5.0
 
 
 def _metric(metrics: dict[str, Any] | None, key: str) -> str:
@@ -144,7 +148,14 @@ class ModelVersionAdmin(admin.ModelAdmin):
         "manifest_summary",
     )
     inlines = [ModelAuditInline]
-    actions = ["promote_to_primary", "start_shadow", "set_canary_share", "roll_back", "reject"]
+    actions = [
+        "promote_to_primary",
+        "start_shadow",
+        "set_canary_share",
+        "roll_back",
+        "reject",
+        "republish_to_redis",
+    ]
 
     ndcg_at_10 = _metric_column("ndcg@10")
     recall_at_10 = _metric_column("recall@10")
@@ -414,6 +425,31 @@ class ModelVersionAdmin(admin.ModelAdmin):
             form=form,
             submit="Reject",
         )
+
+    @admin.action(description="Republish to Redis (sync only)", permissions=["change"])
+    def republish_to_redis(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
+        """``manage.py sync_redis`` from the admin: the primary's lists and features, no training."""
+        # As for a rollback, the selection names the primary, so a stale page cannot publish
+        # a version that stopped being the primary since it was loaded.
+        primary = queryset.filter(status=ModelStatus.PRIMARY).first()
+        if primary is None:
+            self.message_user(
+                request, "Republish to Redis: select the current primary.", messages.WARNING
+            )
+            return
+        self.log_change(request, primary, "Republish to Redis requested.")
+        how, result = pipeline_tasks.enqueue_primary_sync_to_redis(
+            version_id=primary.pk, user_id=request.user.pk, wait_seconds=REDIS_SYNC_WAIT_SECONDS
+        )
+        if result is None:
+            self.message_user(
+                request,
+                f"Republish of {primary.version} to Redis {how}; its history will show the result.",
+                messages.INFO,
+            )
+            return
+        succeeded, text = result
+        self.message_user(request, text, messages.SUCCESS if succeeded else messages.ERROR)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Versions are registered by the training pipeline (model_version_register).

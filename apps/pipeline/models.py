@@ -52,7 +52,12 @@ class PipelineRun(models.Model):
 
 
 class StageRun(models.Model):
-    """One stage of a pipeline run: status, timings, row counts, details and error text."""
+    """One stage of a pipeline run: status, timings, row counts, details and error text.
+
+    A pipeline run has at most one row per stage, reused by every attempt (retries, a
+    redelivered task taking over from a dead worker). ``owner`` names the process running it
+    and ``heartbeat_at`` shows it is alive; both are only claimed with conditional UPDATEs.
+    """
 
     pipeline_run = models.ForeignKey(
         PipelineRun, on_delete=models.CASCADE, related_name="stages", null=True, blank=True
@@ -65,10 +70,18 @@ class StageRun(models.Model):
     rows_out = models.BigIntegerField(default=0)
     detail = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True, default="")
+    # "host:pid:task" of the attempt that holds the stage; empty when nobody does.
+    owner = models.CharField(max_length=255, blank=True, default="")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["-id"]
         indexes = [models.Index(fields=["stage", "status"])]
+        constraints = [
+            # Stand-alone stage runs (no pipeline run) are not limited: NULLs never collide.
+            models.UniqueConstraint(fields=["pipeline_run", "stage"], name="uniq_stage_per_run")
+        ]
 
     def __str__(self) -> str:
         return f"{self.get_stage_display()} #{self.pk} ({self.status})"

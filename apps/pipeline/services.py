@@ -1,9 +1,11 @@
 """Pipeline services: every write of the pipeline app goes through these functions.
 
 Each stage is a plain function ``stage_<name>(stage_run, progress)`` that fetches its inputs,
-calls the pure core, writes its outputs and returns a ``StageOutcome``. ``stage_run_execute``
-wraps any stage with the bookkeeping (status, timings, row counts, error text), so the
-management commands, the Celery tasks and the admin all run stages the same way.
+calls the pure core, writes its outputs and returns a ``StageOutcome``. Two wrappers add the
+bookkeeping (status, timings, row counts, error text): ``pipeline_stage_execute`` runs a stage
+of a pipeline run (claimed, retried on transient errors, safe to call twice), shared by the
+Celery chain and the in-process ``pipeline_run_execute``; ``stage_run_execute`` runs a stage on
+its own. Both go through ``_stage_call``, so every caller runs stages the same way.
 """
 
 from __future__ import annotations
@@ -12,23 +14,27 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
-from apps.pipeline import canonical, clean, extract, frames, quality
+from apps.pipeline import canonical, clean, errors, extract, frames, quality
 from apps.pipeline.conf import data_path, reco
 from apps.pipeline.lake import Lake
 from apps.pipeline.models import (
     DataQualityReport,
+    ExtractionLock,
     ExtractionRun,
     PipelineRun,
     RunStatus,
@@ -204,6 +210,14 @@ def _stage_extract(source: str, stage_run: StageRun, progress: Progress) -> Stag
                 error=f"{failure.error_type}: {failure.error}",
             )
     if failed is not None:
+        if result.failures and all(
+            errors.failure_is_transient(f.error_type, f.error) for f in result.failures
+        ):
+            # The source went away (every failed table lost its connection); nothing failed
+            # for a reason a retry would repeat, and no failed table moved its watermark.
+            raise errors.TransientSourceError(
+                f"source {source!r} connection lost or refused: {failed}"
+            ) from failed
         raise failed
     return StageOutcome(rows_in=rows_read, rows_out=rows_written, detail={"tables": tables})
 
@@ -254,6 +268,9 @@ def stage_quality(stage_run: StageRun, progress: Progress = None) -> StageOutcom
         staged, now=now, previous=previous.summary if previous else None, thresholds=config
     )
     with transaction.atomic():
+        # A retried or taken-over attempt replaces what an earlier attempt of this stage run
+        # recorded, so a run never holds two reports.
+        DataQualityReport.objects.filter(stage_run=stage_run).delete()
         report = DataQualityReport.objects.create(
             stage_run=stage_run,
             score=result.score,
@@ -431,11 +448,12 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     )
 
 
-def primary_sync_to_redis() -> dict[str, str]:
+def primary_sync_to_redis(*, expected_version_id: int | None = None) -> dict[str, str]:
     """Republish the current primary bundle's lists and features to Redis, without training.
 
     For after a Redis outage or flush: serving answers from the bundle's local store (marked
-    degraded) until this has run. Raises ``ValueError`` when there is nothing to publish.
+    degraded) until this has run. Raises ``ValueError`` when there is nothing to publish, or
+    when ``expected_version_id`` (the version an operator selected) is no longer the primary.
     """
     from apps.models import selectors as model_selectors
 
@@ -444,12 +462,53 @@ def primary_sync_to_redis() -> dict[str, str]:
     primary = model_selectors.model_version_primary()
     if primary is None:
         raise ValueError("no primary model version: train and promote one first")
+    if expected_version_id is not None and primary.pk != expected_version_id:
+        raise ValueError(
+            f"the selected version is not the primary any more ({primary.version} is): "
+            "reload the page and select the primary"
+        )
     bundle_dir = Path(primary.bundle_path)
     return {
         "version": primary.version,
         "lists": _publish_to_redis(bundle_dir, primary.version),
         "features": _sync_features_to_redis(bundle_dir, primary.version),
     }
+
+
+def primary_sync_to_redis_logged(*, version_id: int, user_id: int) -> tuple[bool, str]:
+    """Run ``primary_sync_to_redis`` for an operator and record the outcome in the version's
+    admin history (a ``LogEntry`` by that user); return ``(succeeded, message)``.
+
+    The admin's "Republish to Redis" runs this in the background, so it never raises: every
+    outcome, a refusal or an outage included, must reach the history.
+    """
+    from django.contrib.admin.models import CHANGE, LogEntry
+
+    from apps.models.models import ModelVersion
+
+    try:
+        outcome = primary_sync_to_redis(expected_version_id=version_id)
+    except ValueError as exc:
+        ok, text = False, f"Republish to Redis refused: {exc}"
+    except Exception as exc:  # Redis or the bundle failed mid-way: say so in the history
+        logger.exception("republishing to Redis failed")
+        ok, text = False, f"Republish to Redis failed: {exc.__class__.__name__}: {exc}"
+    else:
+        ok = not outcome["lists"].startswith("failed")
+        text = (
+            f"Republish of {outcome['version']} to Redis {'done' if ok else 'failed'}: "
+            f"lists {outcome['lists']}; features {outcome['features']}"
+        )
+    version = ModelVersion.objects.filter(pk=version_id).first()
+    if version is not None:
+        LogEntry.objects.log_actions(
+            user_id=user_id,
+            queryset=[version],
+            action_flag=CHANGE,
+            change_message=text,
+            single_object=True,
+        )
+    return ok, text
 
 
 def _publish_to_redis(bundle_dir: Path, version: str) -> str:
@@ -507,43 +566,360 @@ STAGES: dict[str, Callable[[StageRun, Progress], StageOutcome]] = {
 
 # --- run bookkeeping ---------------------------------------------------------------------------
 
+# A running pipeline stage refreshes its heartbeat every STAGE_HEARTBEAT_SECONDS; one silent for
+# STAGE_OWNER_STALE_SECONDS (six missed beats) is presumed dead and may be taken over. On the
+# owner's own host a vanished process is recognised at once, so the task of a pool child
+# killed by the OOM killer re-runs as soon as Celery redelivers it.
+STAGE_HEARTBEAT_SECONDS = 10.0
+STAGE_OWNER_STALE_SECONDS = 60.0
+# Tests only (tests/pipeline/test_celery_worker.py): "<stage>:<seconds>" pauses the first attempt
+# of that stage after its first progress report, so a test can kill a worker in the middle of
+# it. Never set it in production.
+TEST_PAUSE_ENV = "RECO_TEST_STAGE_PAUSE"
 
-def stage_run_execute(
-    *, stage: str, pipeline_run: PipelineRun | None = None, progress: Progress = None
-) -> StageRun:
-    """Run one stage with full bookkeeping; the StageRun row records success or the error.
+
+class StepAction(StrEnum):
+    """What the caller of ``pipeline_stage_execute`` does next."""
+
+    CONTINUE = "continue"  # the stage is done (now or earlier): go on with the next one
+    RETRY = "retry"  # call again after ``retry_in`` seconds (transient error or a live owner)
+    STOP = "stop"  # nothing to do: the run is finished or another attempt owns the stage
+    FAILED = "failed"  # the stage failed for good and the run is marked failed
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """The result of one ``pipeline_stage_execute`` call."""
+
+    action: StepAction
+    reason: str
+    stage_run_id: int | None = None
+    retry_in: float = 0.0
+
+
+def stage_owner(token: str = "") -> str:
+    """Name this attempt: host, process, and the Celery task id (or the thread)."""
+    who = token or f"thread-{threading.get_ident()}"
+    return f"{socket.gethostname()}:{os.getpid()}:{who}"[:255]
+
+
+def _pid_gone(pid: int) -> bool:
+    """True when no live process on this host has ``pid`` (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def _owner_alive(owner: str, heartbeat_at: Any, now: Any) -> bool:
+    """Whether the attempt named ``owner`` may still be running its stage.
+
+    A process that is gone from this host is dead at once. Another host's processes cannot be
+    checked, so there only a heartbeat older than STAGE_OWNER_STALE_SECONDS proves death.
+    """
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit() and _pid_gone(int(pid)):
+        return False
+    if heartbeat_at is None:
+        return False
+    return (now - heartbeat_at).total_seconds() < STAGE_OWNER_STALE_SECONDS
+
+
+class _Heartbeat:
+    """Refreshes ``StageRun.heartbeat_at`` from a daemon thread while a stage runs."""
+
+    def __init__(self, stage_run_id: int, owner: str) -> None:
+        self.stage_run_id = stage_run_id
+        self.owner = owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"stage-heartbeat-{stage_run_id}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        from django.db import connection
+
+        # Inside a transaction (a test, a caller's atomic block) no other process can see the
+        # row, so nobody could take it over, and a beat would only wait for our own lock.
+        if not connection.in_atomic_block:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        from django.db import connections
+
+        try:
+            while not self._stop.wait(STAGE_HEARTBEAT_SECONDS):
+                try:
+                    StageRun.objects.filter(
+                        pk=self.stage_run_id, owner=self.owner, status=RunStatus.RUNNING
+                    ).update(heartbeat_at=timezone.now())
+                except Exception as exc:  # a missed beat only allows a takeover sooner
+                    logger.warning("stage heartbeat of #%s failed: %s", self.stage_run_id, exc)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+
+def _test_pause(stage_run: StageRun, progress: Progress) -> Progress:
+    """Wrap ``progress`` to sleep once after the first report when TEST_PAUSE_ENV names the
+    stage and this is its first attempt (the re-run after a crash goes straight through).
+
+    For extraction the first report comes right after the first lake batch is durable and
+    before any watermark moves: the worst moment for a crash.
+    """
+    name, _, seconds = os.environ.get(TEST_PAUSE_ENV, "").partition(":")
+    stage = stage_run.stage
+    if name != stage or stage_run.attempts > 1:
+        return progress
+    paused = False
+
+    def report(rows: int) -> None:
+        nonlocal paused
+        if progress:
+            progress(rows)
+        if not paused:
+            paused = True
+            logger.warning("%s: pausing stage %s for %s s", TEST_PAUSE_ENV, stage, seconds)
+            time.sleep(float(seconds))
+
+    return report
+
+
+def _stage_call(stage_run: StageRun, progress: Progress) -> StageOutcome:
+    """Run the stage function of a claimed ``StageRun`` (every caller goes through here)."""
+    with _Heartbeat(stage_run.pk, stage_run.owner):
+        return STAGES[stage_run.stage](stage_run, _test_pause(stage_run, progress))
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}\n\n{''.join(traceback.format_exception(exc, limit=8))}"
+
+
+def _stage_record_success(
+    stage_run: StageRun, outcome: StageOutcome, seconds: float, retries: list[dict[str, Any]]
+) -> bool:
+    """Mark the stage done, if this attempt still owns it; return whether it did."""
+    detail = dict(outcome.detail)
+    detail["seconds"] = seconds
+    if retries:
+        detail["retries"] = retries
+    return (
+        StageRun.objects.filter(
+            pk=stage_run.pk, owner=stage_run.owner, status=RunStatus.RUNNING
+        ).update(
+            status=RunStatus.SKIPPED if "skipped" in detail else RunStatus.SUCCEEDED,
+            finished_at=timezone.now(),
+            rows_in=outcome.rows_in,
+            rows_out=outcome.rows_out,
+            detail=_jsonable(detail),
+            error="",
+        )
+        == 1
+    )
+
+
+def stage_run_execute(*, stage: str, progress: Progress = None) -> StageRun:
+    """Run one stage on its own (no pipeline run) with full bookkeeping in a new StageRun row.
 
     Never raises for a stage failure: the caller reads ``status``/``error`` (a failed stage
     must leave a record an operator can read, not just a traceback in a worker log).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+    now = timezone.now()
     stage_run = StageRun.objects.create(
-        pipeline_run=pipeline_run, stage=stage, status=RunStatus.RUNNING, started_at=timezone.now()
+        stage=stage,
+        status=RunStatus.RUNNING,
+        started_at=now,
+        owner=stage_owner(),
+        heartbeat_at=now,
+        attempts=1,
     )
     started = time.perf_counter()
     try:
-        outcome = STAGES[stage](stage_run, progress)
+        outcome = _stage_call(stage_run, progress)
     except Exception as exc:
         logger.exception("stage %s failed", stage)
         StageRun.objects.filter(pk=stage_run.pk).update(
             status=RunStatus.FAILED,
             finished_at=timezone.now(),
-            error=f"{exc.__class__.__name__}: {exc}\n\n{traceback.format_exc(limit=8)}",
+            error=_error_text(exc),
             detail={"seconds": round(time.perf_counter() - started, 3)},
         )
     else:
-        detail = dict(outcome.detail)
-        detail["seconds"] = round(time.perf_counter() - started, 3)
-        StageRun.objects.filter(pk=stage_run.pk).update(
-            status=RunStatus.SKIPPED if "skipped" in detail else RunStatus.SUCCEEDED,
-            finished_at=timezone.now(),
-            rows_in=outcome.rows_in,
-            rows_out=outcome.rows_out,
-            detail=_jsonable(detail),
-        )
+        _stage_record_success(stage_run, outcome, round(time.perf_counter() - started, 3), [])
     stage_run.refresh_from_db()
     return stage_run
+
+
+def _stage_claim(stage_run: StageRun, owner: str) -> StageStep | None:
+    """Make ``owner`` the runner of ``stage_run`` (None), or say why it must not run it now.
+
+    Each claim is one conditional UPDATE on the state just read, so of two deliveries of
+    the same stage exactly one runs it.
+    """
+    for _ in range(3):  # a lost race re-reads the row and decides again
+        now = timezone.now()
+        status, holder, beat = stage_run.status, stage_run.owner, stage_run.heartbeat_at
+        if status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED):
+            return StageStep(StepAction.CONTINUE, f"already {status}", stage_run.pk)
+        if status == RunStatus.FAILED:
+            return StageStep(StepAction.STOP, "the stage already failed", stage_run.pk)
+        rows = StageRun.objects.filter(pk=stage_run.pk, status=status, owner=holder)
+        if status == RunStatus.RUNNING:
+            if _owner_alive(holder, beat, now):
+                age = (now - beat).total_seconds() if beat else 0.0
+                wait = max(1.0, STAGE_OWNER_STALE_SECONDS - age)
+                return StageStep(
+                    StepAction.RETRY, f"running in {holder}", stage_run.pk, round(wait, 1)
+                )
+            rows = rows.filter(heartbeat_at=beat)
+        claimed = rows.update(
+            status=RunStatus.RUNNING,
+            owner=owner,
+            heartbeat_at=now,
+            started_at=now,
+            finished_at=None,
+            attempts=F("attempts") + 1,
+        )
+        if claimed:
+            if status == RunStatus.RUNNING:
+                logger.warning(
+                    "stage %s #%s: taking over from %s, which shows no sign of life",
+                    stage_run.stage,
+                    stage_run.pk,
+                    holder,
+                )
+                # The dead attempt's extraction lock would block this attempt until its lease
+                # expires. Freeing it is safe: the next holder gets a newer fencing token, so
+                # the lake and the watermarks refuse anything the old attempt might still write.
+                ExtractionLock.objects.filter(holder__endswith=f":stage{stage_run.pk}").update(
+                    holder="", expires_at=None
+                )
+            stage_run.refresh_from_db()
+            return None
+        stage_run.refresh_from_db()
+    return StageStep(StepAction.RETRY, "lost the race to claim the stage", stage_run.pk, 1.0)
+
+
+def _stage_failed(
+    stage_run: StageRun,
+    exc: Exception,
+    seconds: float,
+    retries: list[dict[str, Any]],
+    policy: errors.RetryPolicy,
+) -> StageStep:
+    """Record a failed attempt: back to pending for a retry if transient, else fail the run."""
+    mine = StageRun.objects.filter(pk=stage_run.pk, owner=stage_run.owner, status=RunStatus.RUNNING)
+    if errors.is_transient(exc) and len(retries) < policy.max_retries:
+        retry_in = policy.delay(len(retries))
+        retries = [
+            *retries,
+            {
+                "at": timezone.now().isoformat(),
+                "error": f"{exc.__class__.__name__}: {exc}"[:500],
+                "retry_in": retry_in,
+            },
+        ]
+        logger.warning(
+            "stage %s #%s: transient %s, retry %d of %d in %.1f s",
+            stage_run.stage,
+            stage_run.pk,
+            exc.__class__.__name__,
+            len(retries),
+            policy.max_retries,
+            retry_in,
+        )
+        if not mine.update(
+            status=RunStatus.PENDING,
+            owner="",
+            heartbeat_at=None,
+            error=_error_text(exc),
+            detail=_jsonable({"retries": retries, "seconds": seconds}),
+        ):
+            return StageStep(StepAction.STOP, "another attempt took the stage over", stage_run.pk)
+        reason = f"transient error, retry {len(retries)} of {policy.max_retries}"
+        return StageStep(StepAction.RETRY, reason, stage_run.pk, retry_in)
+    logger.error("stage %s #%s failed", stage_run.stage, stage_run.pk, exc_info=exc)
+    error = _error_text(exc)
+    detail: dict[str, Any] = {"seconds": seconds, **({"retries": retries} if retries else {})}
+    reason = f"stage {stage_run.stage} failed: {error.splitlines()[0]}"
+    now = timezone.now()
+    with transaction.atomic():
+        if not mine.update(
+            status=RunStatus.FAILED, finished_at=now, error=error, detail=_jsonable(detail)
+        ):
+            return StageStep(StepAction.STOP, "another attempt took the stage over", stage_run.pk)
+        PipelineRun.objects.filter(pk=stage_run.pipeline_run_id, status=RunStatus.RUNNING).update(
+            status=RunStatus.FAILED, finished_at=now, error=reason
+        )
+    return StageStep(StepAction.FAILED, reason, stage_run.pk)
+
+
+def pipeline_stage_execute(
+    *,
+    run_id: int,
+    stage: str,
+    owner_token: str = "",
+    progress: Progress = None,
+    policy: errors.RetryPolicy = errors.STAGE_RETRY,
+) -> StageStep:
+    """Run one stage of a pipeline run, at most once in effect however often it is called.
+
+    The one step shared by the Celery chain (a task per stage) and the in-process loop of
+    ``pipeline_run_execute``. A call:
+
+    - claims the run if it is still pending; a missing or finished run is a silent STOP;
+    - finds or creates the run's single StageRun row for ``stage``;
+    - returns CONTINUE without running anything if the stage already succeeded (a
+      redelivered task just passes the chain on);
+    - returns RETRY if a live owner is running the stage, and takes it over if that owner
+      is dead (extraction is fenced by lock tokens and compare-and-set watermarks, so the
+      re-run cannot double-apply what the dead attempt wrote);
+    - runs it: a transient error (``errors.is_transient``) puts the stage back to pending and
+      returns RETRY with exponential backoff, at most ``policy.max_retries`` times; any other
+      error marks the stage and the run failed at once (FAILED).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+    PipelineRun.objects.filter(pk=run_id, status=RunStatus.PENDING).update(
+        status=RunStatus.RUNNING, started_at=timezone.now()
+    )
+    status = PipelineRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+    if status is None:
+        return StageStep(StepAction.STOP, f"pipeline run #{run_id} does not exist")
+    if status != RunStatus.RUNNING:
+        return StageStep(StepAction.STOP, f"pipeline run #{run_id} is already {status}")
+    stage_run, _ = StageRun.objects.get_or_create(pipeline_run_id=run_id, stage=stage)
+    refused = _stage_claim(stage_run, stage_owner(owner_token))
+    if refused is not None:
+        return refused
+    retries = list((stage_run.detail or {}).get("retries", []))
+    started = time.perf_counter()
+    try:
+        outcome = _stage_call(stage_run, progress)
+    except Exception as exc:
+        return _stage_failed(
+            stage_run, exc, round(time.perf_counter() - started, 3), retries, policy
+        )
+    if not _stage_record_success(
+        stage_run, outcome, round(time.perf_counter() - started, 3), retries
+    ):
+        return StageStep(StepAction.STOP, "another attempt took the stage over", stage_run.pk)
+    return StageStep(StepAction.CONTINUE, "done", stage_run.pk)
 
 
 def pipeline_run_create(*, kind: str = "incremental", triggered_by: str = "manual") -> PipelineRun:
@@ -551,14 +927,70 @@ def pipeline_run_create(*, kind: str = "incremental", triggered_by: str = "manua
     return PipelineRun.objects.create(kind=kind, triggered_by=triggered_by[:64])
 
 
+def pipeline_run_stages(run: PipelineRun) -> tuple[str, ...]:
+    """The stages a run of this kind executes, in order."""
+    return FULL_STAGES if run.kind == "full" else PIPELINE_STAGES
+
+
+def pipeline_run_start(*, run_id: int) -> tuple[str, ...] | None:
+    """Claim a pending run for a chain of stage tasks; return its stages, or None.
+
+    A redelivered start finds the run already claimed: it returns the stages again only while
+    no stage has begun (the first delivery may have died before publishing the chain; the
+    stages are idempotent, so a second chain is harmless).
+    """
+    claimed = PipelineRun.objects.filter(pk=run_id, status=RunStatus.PENDING).update(
+        status=RunStatus.RUNNING, started_at=timezone.now()
+    )
+    run = PipelineRun.objects.filter(pk=run_id).first()
+    if run is None:
+        return None
+    if not claimed and (run.status != RunStatus.RUNNING or run.stages.exists()):
+        return None
+    return pipeline_run_stages(run)
+
+
+def pipeline_run_finish(*, run_id: int, stages: tuple[str, ...] | list[str]) -> PipelineRun | None:
+    """Set a run's final status from its stages; idempotent.
+
+    Succeeded when every one of ``stages`` succeeded (or was skipped), failed (naming the
+    stage) when one failed; a run with stages still to do is left as it is.
+    """
+    run = PipelineRun.objects.filter(pk=run_id).first()
+    if run is None:
+        return None
+    rows = {s.stage: s for s in run.stages.all()}
+    done = (RunStatus.SUCCEEDED, RunStatus.SKIPPED)
+    failed = next(
+        (rows[s] for s in stages if s in rows and rows[s].status == RunStatus.FAILED), None
+    )
+    if failed is not None:
+        PipelineRun.objects.filter(
+            pk=run_id, status__in=(RunStatus.PENDING, RunStatus.RUNNING)
+        ).update(
+            status=RunStatus.FAILED,
+            finished_at=timezone.now(),
+            error=f"stage {failed.stage} failed: {failed.error.splitlines()[0]}",
+        )
+    elif all(s in rows and rows[s].status in done for s in stages):
+        PipelineRun.objects.filter(pk=run_id, status=RunStatus.RUNNING).update(
+            status=RunStatus.SUCCEEDED, finished_at=timezone.now(), error=""
+        )
+    run.refresh_from_db()
+    return run
+
+
 def pipeline_run_execute(
     *,
     run_id: int,
     stages: tuple[str, ...] | None = None,
     on_stage: Callable[[str], Progress] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> PipelineRun | None:
-    """Claim a pending run and execute its stages in order, stopping at the first failure.
+    """Claim a pending run and execute its stages in this process, stopping at the first failure.
 
+    The in-process twin of the Celery chain (``manage.py run_pipeline``, eager mode): the same
+    ``pipeline_stage_execute`` step, with retries slept here instead of scheduled by Celery.
     The claim is a conditional UPDATE (pending -> running), so a task delivered twice runs
     once; a missing or already-claimed run is a silent no-op that returns None.
     """
@@ -569,28 +1001,33 @@ def pipeline_run_execute(
         return None
     run = PipelineRun.objects.get(pk=run_id)
     if stages is None:
-        stages = FULL_STAGES if run.kind == "full" else PIPELINE_STAGES
-    failed: StageRun | None = None
+        stages = pipeline_run_stages(run)
     for stage in stages:
         progress = on_stage(stage) if on_stage else None
-        stage_run = stage_run_execute(stage=stage, pipeline_run=run, progress=progress)
-        if stage_run.status == RunStatus.FAILED:
-            failed = stage_run
+        step = pipeline_stage_execute(run_id=run_id, stage=stage, progress=progress)
+        while step.action == StepAction.RETRY:
+            sleep(step.retry_in)
+            step = pipeline_stage_execute(run_id=run_id, stage=stage, progress=progress)
+        if step.action != StepAction.CONTINUE:
             break
-    PipelineRun.objects.filter(pk=run_id).update(
-        status=RunStatus.FAILED if failed else RunStatus.SUCCEEDED,
-        finished_at=timezone.now(),
-        error=f"stage {failed.stage} failed: {failed.error.splitlines()[0]}" if failed else "",
-    )
-    run.refresh_from_db()
-    return run
+    return pipeline_run_finish(run_id=run_id, stages=stages)
+
+
+SCHEDULED_SKIPPED = "skipped: a run of this kind is already running"
+
+
+def pipeline_run_create_scheduled(*, kind: str) -> PipelineRun | None:
+    """Record a pending run of ``kind`` for beat, unless one of that kind is already running."""
+    if PipelineRun.objects.filter(kind=kind, status=RunStatus.RUNNING).exists():
+        return None
+    return pipeline_run_create(kind=kind, triggered_by="beat")
 
 
 def pipeline_run_scheduled(*, kind: str) -> str | None:
-    """Start a scheduled run of ``kind`` unless one of that kind is already running."""
-    if PipelineRun.objects.filter(kind=kind, status=RunStatus.RUNNING).exists():
-        return "skipped: a run of this kind is already running"
-    run = pipeline_run_create(kind=kind, triggered_by="beat")
+    """Run a scheduled run of ``kind`` in this process unless one of that kind is running."""
+    run = pipeline_run_create_scheduled(kind=kind)
+    if run is None:
+        return SCHEDULED_SKIPPED
     result = pipeline_run_execute(run_id=run.pk)
     return result.status if result else None
 
