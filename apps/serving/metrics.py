@@ -77,6 +77,10 @@ SHADOW = Counter(
     "Shadow-model scorings by outcome (scored, dropped: queue full, failed).",
     ["outcome"],
 )
+MODEL_LOAD_FAILURES = Counter(
+    "recommendation_model_load_failures_total",
+    "Bundles a serving worker could not load (it kept serving the previous snapshot).",
+)
 ROUTED = Counter(
     "recommendation_routed_total",
     "Recommendation answers by the registry role of the model that served them.",

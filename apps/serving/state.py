@@ -230,6 +230,7 @@ class ServingState:
         try:
             snapshot = self._loader(bundle, version)
         except SnapshotError:
+            metrics.MODEL_LOAD_FAILURES.inc()
             logger.exception("serving: cannot load %s; keeping what serves now", version)
             return None
         logger.info("serving: loaded %s from %s", version, bundle)

@@ -20,7 +20,7 @@ import yaml
 from apps.experiments.choices import Scene
 from tests.ops.conftest import MONITORING, ROOT
 
-DASHBOARD = MONITORING / "grafana" / "dashboards" / "recoplatform.json"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "recommendation-overview.json"
 DATASOURCES = MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 ALERT_FILES = sorted((MONITORING / "alerts").glob("*.yml"))
 
@@ -34,7 +34,8 @@ EXPECTED_FROM_SERVING = {
 }
 # Exported by libraries or by Prometheus itself rather than by platform code.
 STANDARD_NAMES = {"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds"}
-STANDARD_PREFIXES = ("django_http_", "process_", "python_")
+# celery_*: exported by celery-exporter (docker-compose.yml), not by the app.
+STANDARD_PREFIXES = ("django_http_", "process_", "python_", "celery_")
 
 _METRIC_CALLS = {
     "Counter": "counter",
