@@ -69,10 +69,53 @@ def test_files_rotate_by_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
     writer = ExposureWriter(tmp_path / "exposures.jsonl", max_bytes=200, backup_count=2)
     for n in range(30):
         writer.submit(EXPOSURES, {"n": n, "pad": "x" * 20})
+        writer.flush()  # one batch per line: rotation is checked after each batch
     writer.close()
     assert (tmp_path / "exposures.jsonl.1").exists()
+    assert (tmp_path / "exposures.jsonl.2").exists()
     assert not (tmp_path / "exposures.jsonl.3").exists()
-    assert (tmp_path / "exposures.jsonl").stat().st_size <= 200
+    for path in tmp_path.glob("exposures.jsonl*"):
+        if not path.name.endswith(".lock"):
+            assert path.stat().st_size <= 200 + 40  # at most one line beyond the limit
+    # the newest lines are in the current file, the older ones in .1 then .2, in order
+    kept = [
+        r["n"]
+        for name in ("exposures.jsonl.2", "exposures.jsonl.1", "exposures.jsonl")
+        if (tmp_path / name).exists()
+        for r in lines(tmp_path / name)
+    ]
+    assert kept == list(range(30 - len(kept), 30))
+
+
+def _write_from_a_process(path: str, tag: str, count: int) -> None:
+    writer = ExposureWriter(Path(path), max_bytes=4_000, backup_count=1_000)
+    for n in range(count):
+        writer.submit(EXPOSURES, {"tag": tag, "n": n, "pad": "y" * 40})
+        if n % 50 == 0:
+            writer.flush()
+    writer.close()
+
+
+def test_processes_sharing_one_log_lose_and_repeat_no_line_across_rotations(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Given three worker processes appending to the same rotating file (as gunicorn workers do)
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    path = tmp_path / "exposures.jsonl"
+    workers = [
+        context.Process(target=_write_from_a_process, args=(str(path), tag, 600))
+        for tag in ("a", "b", "c")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    # Then the files rotated many times, and every line of every process is there exactly once
+    files = [p for p in tmp_path.glob("exposures.jsonl*") if not p.name.endswith(".lock")]
+    assert len(files) > 10
+    seen = [(r["tag"], r["n"]) for f in files for r in lines(f)]
+    assert sorted(seen) == sorted((tag, n) for tag in ("a", "b", "c") for n in range(600))
 
 
 def test_close_flushes_what_is_queued(tmp_path) -> None:  # type: ignore[no-untyped-def]
