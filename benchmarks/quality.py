@@ -631,9 +631,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ranker-folds",
         type=int,
-        default=1,
+        default=3,
         help="inner splits whose labelled examples train the ranker (stratified and given"
-        " splits; more folds = more examples, one refit each)",
+        " splits; more folds = more examples, one refit each). 3 measured better than 1 on"
+        " UCI (NDCG@10 0.3086 vs 0.3018) and the demo (0.3900 vs 0.3817), equal on MovieLens",
     )
     parser.add_argument(
         "--labels",
