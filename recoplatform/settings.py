@@ -145,6 +145,8 @@ RECO = {
     "EXTRACT_BATCH_ROWS": env_int("RECO_EXTRACT_BATCH_ROWS", 50_000, minimum=1),
     # Training options (apps.pipeline.train.trainer.TrainConfig fields).
     "TRAIN_OPTIONS": {"max_users": env_int("RECO_TRAIN_MAX_USERS", 4000, minimum=10)},
+    # The evaluate stage (stratified protocol): inner folds whose examples train its ranker.
+    "EVALUATE_RANKER_FOLDS": env_int("RECO_EVALUATE_RANKER_FOLDS", 1, minimum=1),
     # The first model of an empty registry is promoted (through every gate) after training.
     "AUTO_PROMOTE_FIRST": env_bool("RECO_AUTO_PROMOTE_FIRST", default=True),
     # Promotion gates (apps/models/gates.py): the smoke test loads bundles with this function.

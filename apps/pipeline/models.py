@@ -24,6 +24,7 @@ class Stage(models.TextChoices):
     QUALITY = "quality", "Data quality"
     CLEAN = "clean", "Clean"
     TRAIN = "train", "Train and register a model"
+    EVALUATE = "evaluate", "Evaluate (stratified protocol)"
 
 
 class PipelineRun(models.Model):

@@ -23,6 +23,7 @@ class Schedule:
     minute: str
     hour: str
     description: str
+    day_of_week: str = "*"
 
 
 SCHEDULES: tuple[Schedule, ...] = (
@@ -53,6 +54,16 @@ SCHEDULES: tuple[Schedule, ...] = (
         "*",
         "Quality score every 15 minutes (feeds the quality alert).",
     ),
+    # Sundays at 05:00 UTC: the recipe on the stratified protocol of the public benchmarks.
+    Schedule(
+        "pipeline: stratified evaluation",
+        "pipeline.stage_run_execute",
+        {"stage": "evaluate"},
+        "0",
+        "5",
+        "Weekly offline evaluation (stratified split) stored as an EvaluationReport.",
+        day_of_week="0",
+    ),
     # Every day at 00:20 UTC: yesterday's exposures joined to feedback, per variant and model.
     Schedule(
         "experiments: online report",
@@ -76,7 +87,7 @@ def schedules_sync() -> dict[str, str]:
             crontab, _ = CrontabSchedule.objects.get_or_create(
                 minute=spec.minute,
                 hour=spec.hour,
-                day_of_week="*",
+                day_of_week=spec.day_of_week,
                 day_of_month="*",
                 month_of_year="*",
                 timezone="UTC",

@@ -448,6 +448,66 @@ def stage_train(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
     )
 
 
+def stage_evaluate(stage_run: StageRun, progress: Progress = None) -> StageOutcome:
+    """Evaluate the training recipe on the clean data with the stratified protocol of the
+    public benchmarks and store it as an ``EvaluationReport`` of the newest registered version.
+
+    The train stage reports the time-split comparison of the bundle it trained; this stage
+    answers "how good is this recipe on the current data, in the terms of published tables"
+    (random 75/25 split per user, seed 42, every held-out interaction relevant, k from the
+    training options): popularity, every channel, fused and ranked side by side. It retrains
+    on the split, so it costs about as much as training; it is not part of the daily run
+    (``manage.py run_stage evaluate`` and a weekly schedule run it). The report is compared
+    with the primary's latest stratified report when the newest version is not the primary.
+    """
+    from apps.models import selectors as model_selectors
+    from apps.models.choices import EvaluationProtocol
+    from apps.models.models import EvaluationReport, ModelVersion
+    from apps.pipeline.train import protocols, trainer
+
+    target = ModelVersion.objects.order_by("-created_at", "-id").first()
+    if target is None:
+        raise ValueError("no registered model version to attach the evaluation to: train first")
+    clean_frames = frames.read_frames(_dir("clean"))
+    if progress:
+        progress(len(clean_frames["interactions"]))
+    config = trainer.TrainConfig(**reco("TRAIN_OPTIONS"))
+    folds = int(settings.RECO.get("EVALUATE_RANKER_FOLDS", 1))
+    result = protocols.run_stratified(
+        clean_frames, config, k=config.k, ranker_folds=folds, log=logger.info
+    )
+    table = result.table
+    out = _dir("evaluation") / f"stratified-{target.version}.json"
+    out.write_text(json.dumps(_jsonable(result.to_dict()), indent=2), encoding="utf-8")
+    primary = model_selectors.model_version_primary()
+    systems = {protocols.POPULARITY, protocols.FUSED, protocols.RANKED}
+    report = EvaluationReport.objects.create(
+        model_version=target,
+        protocol=EvaluationProtocol.STRATIFIED,
+        dataset="clean interactions (stratified 75/25 per user, seed 42)",
+        k=config.k,
+        metrics=_jsonable(table[protocols.RANKED]),
+        per_channel=_jsonable({n: m for n, m in table.items() if n not in systems}),
+        baseline=_jsonable(
+            {n: table[n] for n in (protocols.POPULARITY, protocols.FUSED) if n in table}
+        ),
+        compared_to=primary if primary is not None and primary.pk != target.pk else None,
+        json_path=str(out),
+    )
+    key = f"ndcg@{config.k}"
+    return StageOutcome(
+        rows_in=len(clean_frames["interactions"]),
+        rows_out=int(result.counts.get("test_pairs", 0)),
+        detail={
+            "version": target.version,
+            "evaluation_report_id": report.pk,
+            key: {n: round(float(m.get(key, 0.0)), 4) for n, m in table.items()},
+            "counts": _jsonable(result.counts),
+            "json": str(out),
+        },
+    )
+
+
 def primary_sync_to_redis(*, expected_version_id: int | None = None) -> dict[str, str]:
     """Republish the current primary bundle's lists and features to Redis, without training.
 
@@ -561,6 +621,7 @@ STAGES: dict[str, Callable[[StageRun, Progress], StageOutcome]] = {
     Stage.QUALITY: stage_quality,
     Stage.CLEAN: stage_clean,
     Stage.TRAIN: stage_train,
+    Stage.EVALUATE: stage_evaluate,
 }
 
 
