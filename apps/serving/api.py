@@ -48,6 +48,7 @@ from apps.serving.serializers import (
     ReloadOutput,
     SimilarInput,
 )
+from apps.serving.fastinput import fast_validate
 from apps.serving.shadow import ShadowJob, get_pool
 from apps.serving.state import Current, get_state, stores_with_deadline
 
@@ -175,10 +176,12 @@ class RecommendationView(APIView):
 
     def _respond(self, request: Request, params: dict[str, Any], started: float) -> Response:
         rid = request_id(request)
-        form = self.input_class(data=params)
-        if not form.is_valid():
-            return invalid(form.errors, rid)
-        data = dict(form.validated_data)
+        data = fast_validate(self.input_class, params)
+        if data is None:  # unusual or invalid input: the serializer decides (and explains)
+            form = self.input_class(data=params)
+            if not form.is_valid():
+                return invalid(form.errors, rid)
+            data = dict(form.validated_data)
         current = get_state().current()
         variant = DEFAULT_VARIANT
         variant_params = _NO_PARAMS

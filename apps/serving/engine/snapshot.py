@@ -40,6 +40,8 @@ TRAINING_FILE = "training.json"
 # when the local store file cannot be read. 500 covers limit=100 after a category filter on a
 # typical catalogue of ten categories.
 POPULAR_SIZE = 500
+# Catalogues up to this many items are also held as a dict of ItemInfo (see Catalogue).
+DICT_LIMIT = 200_000
 
 
 class SnapshotError(Exception):
@@ -69,14 +71,28 @@ class Catalogue:
         """A catalogue that knows no item."""
         return cls(np.empty(0, dtype=np.int64), (), np.empty(0, dtype=np.float64), ())
 
+    def __post_init__(self) -> None:
+        # A dict lookup is ~10x cheaper than searchsorted + building an ItemInfo per item per
+        # request; above DICT_LIMIT items the memory (~200 B an item) is not worth it.
+        infos: dict[int, ItemInfo] | None = None
+        if self.ids.size <= DICT_LIMIT:
+            infos = {int(i): self._at(pos) for pos, i in enumerate(self.ids.tolist())}
+        object.__setattr__(self, "_infos", infos)
+
     def __len__(self) -> int:
         return int(self.ids.size)
 
     def get(self, item_id: int) -> ItemInfo | None:
         """The item's attributes, or None when the bundle does not know it."""
+        infos: dict[int, ItemInfo] | None = self._infos  # type: ignore[attr-defined]
+        if infos is not None:
+            return infos.get(item_id)
         pos = int(np.searchsorted(self.ids, item_id))
         if pos >= self.ids.size or int(self.ids[pos]) != item_id:
             return None
+        return self._at(pos)
+
+    def _at(self, pos: int) -> ItemInfo:
         price = float(self.prices[pos])
         return ItemInfo(
             title=self.titles[pos],
