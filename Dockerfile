@@ -6,7 +6,9 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
-ENV DJANGO_SETTINGS_MODULE=recoplatform.settings DATA_DIR=/data PYTHONUNBUFFERED=1
+ENV DJANGO_SETTINGS_MODULE=recoplatform.settings DATA_DIR=/data PYTHONUNBUFFERED=1 \
+    RECO_BIND=0.0.0.0:8000 PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 RUN mkdir -p /data
 EXPOSE 8000
-CMD ["gunicorn", "recoplatform.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2"]
+# gunicorn.conf.py: sync workers, one per core, an emptied multiprocess metrics directory.
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "recoplatform.wsgi:application"]

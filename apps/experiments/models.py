@@ -109,13 +109,18 @@ class ConfigVersion(models.Model):
 
 
 class OnlineEvaluationReport(models.Model):
-    """One UTC day of online evaluation: exposures joined to feedback, per variant and model.
+    """One UTC day of online evaluation: exposures joined to client feedback and to the clean
+    interactions attributed by last touch (``apps.experiments.attribution``).
 
-    ``results`` holds ``by_variant`` and ``by_model_version``, each ``{label: {"counts",
-    "metrics"}}`` as ``apps.experiments.online.OnlineEvaluation.to_dict`` writes them; counts
+    ``results`` holds ``by_variant`` and ``by_model_version`` (the feedback basis, each
+    ``{label: {"counts", "metrics"}}``), ``totals`` and ``breakdown`` (per basis
+    ``feedback``/``attributed``, and per dimension: day, scene, channel, position, variant,
+    model version) and ``promotion`` (before/after the primary's promotion, or None); counts
     add across days, so an experiment's whole run sums its daily reports. ``summary`` holds the
-    join's leftovers (unmatched feedback) and which log files were read. A report is recomputed
-    in place (one row per day), e.g. by "compute now" while the day is still running.
+    join's leftovers (unmatched feedback), the attribution's accounting and whether its window
+    had closed, and which log files were read. A report is recomputed in place (one row per
+    day), e.g. by "compute now" while the day is still running; the same content is written to
+    DATA_DIR/evaluation/online-<date>.json.
     """
 
     date = models.DateField(unique=True)

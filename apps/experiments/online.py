@@ -5,9 +5,10 @@ then ``exposures.jsonl.1`` (newer) ... ``exposures.jsonl.5`` (oldest), and ``fee
 beside it. The records this module reads:
 
 - exposure (one per recommendation response): ``ts`` (ISO 8601, UTC), ``request_id``,
-  ``variant`` (``"<experiment>:<variant>"`` or ``"default"``), ``model_version``, ``degraded``,
-  ``degrade_reason``, ``source``, ``latency_ms``, ``items`` (``item_id``, ``position``,
-  ``channel``). No price is recorded.
+  ``user_id``, ``visitor_id``, ``scene``, ``variant`` (``"<experiment>:<variant>"`` or
+  ``"default"``), ``model_version``, ``degraded``, ``degrade_reason``, ``source``,
+  ``latency_ms``, ``items`` (``item_id``, ``position`` (1-based), ``channel``, ``price``: the
+  catalogue price when served, null when unknown).
 - feedback (``POST /api/v1/feedback``): ``ts``, ``request_id``, ``event`` (``exposure``,
   ``click``, ``add_to_cart``, ``purchase``), ``item_id``, optional ``value`` (purchase value).
 
@@ -27,8 +28,8 @@ Definitions (every count is per group: a variant label, or a model version):
   recorded click counts here, not in ``cvr_click``).
 - ``gmv_per_exposure`` = purchase value / impressions. An impression's value is the largest
   ``value`` among its purchase events (a client retrying a post repeats the value); without
-  one, the item's price from ``prices`` (the catalogue; exposures record no price); without
-  that, 0, and the purchase is counted in ``purchases_unpriced``.
+  one, the item's ``price`` recorded in the exposure, else its price from ``prices`` (the
+  catalogue); without either, 0, and the purchase is counted in ``purchases_unpriced``.
 - Each rate carries a Wilson score 95% interval; ``gmv_per_exposure`` a normal-approximation
   95% interval (mean +- 1.96 standard errors over impressions). Both treat impressions as
   independent; impressions of one request are correlated, so the intervals are somewhat
@@ -38,6 +39,10 @@ The window is ``[start, end)`` on the exposure's ``ts``; feedback is read from `
 ``end + grace`` (a click after midnight on an exposure before midnight belongs to that day).
 Counts are additive (``Counts.merge``), so daily reports sum into an experiment-long result
 whose intervals are recomputed from the sums.
+
+``apps.experiments.attribution`` builds on this module: the same feedback join broken down by
+day, scene, channel, position, variant and model version, plus outcomes attributed from the
+pipeline's clean interactions (Matomo views/clicks, business orders) by last touch.
 
 Files are streamed line by line. Memory holds only the feedback outcomes of the window (far
 fewer than exposures) and the per-group counters; a rotated file last written before the
@@ -191,6 +196,25 @@ class Counts:
         }
 
 
+def add_outcome(
+    counts: Counts, *, clicked: bool, carted: bool, purchased: bool, value: float | None
+) -> None:
+    """Add one impression's outcome to ``counts`` (its ``impressions`` are counted by the
+    caller). ``value`` is the purchase value, None when unknown: the purchase then counts as
+    worth 0 and in ``purchases_unpriced``."""
+    counts.clicks += clicked
+    counts.add_to_carts += carted
+    if not purchased:
+        return
+    counts.purchases += 1
+    counts.clicked_purchases += clicked
+    if value is None:
+        counts.purchases_unpriced += 1
+        value = 0.0
+    counts.gmv += value
+    counts.gmv_sq += value * value
+
+
 # --- reading the logs ----------------------------------------------------------------------------
 
 
@@ -307,6 +331,14 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def item_price(item: Any, item_id: int | None, prices: Mapping[int, float]) -> float | None:
+    """The price an exposure recorded for an item, else the catalogue's, else None."""
+    recorded = _number(item.get("price")) if isinstance(item, dict) else None
+    if recorded is not None and recorded >= 0:
+        return recorded
+    return prices.get(item_id) if item_id is not None else None
 
 
 # --- online evaluation ---------------------------------------------------------------------------
@@ -452,19 +484,16 @@ def evaluate_online(
             if outcome is None:
                 continue
             matched += 1
-            counted.clicks += outcome.clicked
-            counted.add_to_carts += outcome.carted
-            if outcome.purchased:
-                counted.purchases += 1
-                counted.clicked_purchases += outcome.clicked
-                value = outcome.value
-                if value is None and item_id is not None:
-                    value = prices.get(item_id)
-                if value is None:
-                    counted.purchases_unpriced += 1
-                    value = 0.0
-                counted.gmv += value
-                counted.gmv_sq += value * value
+            value = outcome.value
+            if value is None and outcome.purchased:
+                value = item_price(item, item_id, prices)
+            add_outcome(
+                counted,
+                clicked=outcome.clicked,
+                carted=outcome.carted,
+                purchased=outcome.purchased,
+                value=value,
+            )
         counted.requests_clicked = int(counted.clicks > 0)
         if found:
             not_shown += len(found)

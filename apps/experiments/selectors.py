@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 from django.db.models import Prefetch, QuerySet
 
+from apps.experiments.attribution import ATTRIBUTED, FEEDBACK
 from apps.experiments.bucketing import ExperimentSnapshot, ExperimentsSnapshot, VariantSnapshot
 from apps.experiments.choices import ExperimentStatus
 from apps.experiments.models import ConfigVersion, Experiment, OnlineEvaluationReport, Variant
@@ -91,17 +93,27 @@ class VariantResult:
 @dataclass(frozen=True)
 class ExperimentResults:
     """An experiment's online results: the latest daily report with its traffic, and the sum
-    of every daily report of its run (``days`` of them)."""
+    of every daily report of its run (``days`` of them). ``*_rows`` count client feedback;
+    ``attributed_*_rows`` the site's own interactions credited by last touch
+    (``apps.experiments.attribution``; empty in reports computed before it existed)."""
 
     experiment: Experiment
     latest: OnlineEvaluationReport | None
     latest_rows: list[VariantResult]
     total_rows: list[VariantResult]
     days: int
+    attributed_latest_rows: list[VariantResult] = field(default_factory=list)
+    attributed_total_rows: list[VariantResult] = field(default_factory=list)
 
 
-def _variant_counts(report: OnlineEvaluationReport, prefix: str) -> dict[str, Counts]:
-    groups = (report.results or {}).get("by_variant") or {}
+def _variant_counts(
+    report: OnlineEvaluationReport, prefix: str, basis: str = FEEDBACK
+) -> dict[str, Counts]:
+    results = report.results or {}
+    if basis == FEEDBACK:
+        groups = results.get("by_variant") or {}
+    else:
+        groups = ((results.get("breakdown") or {}).get(basis) or {}).get("variant") or {}
     return {
         label[len(prefix) :]: Counts.from_dict(group.get("counts") or {})
         for label, group in groups.items()
@@ -129,26 +141,41 @@ def experiment_results(*, experiment: Experiment) -> ExperimentResults:
         reports = reports.filter(date__lte=experiment.ends_at.date())
     prefix = f"{experiment.name}:"
     total: dict[str, Counts] = {}
+    attributed_total: dict[str, Counts] = {}
     latest: OnlineEvaluationReport | None = None
     latest_counts: dict[str, Counts] = {}
+    attributed_latest: dict[str, Counts] = {}
     days = 0
     for report in reports:
         counts = _variant_counts(report, prefix)
         if not counts:
             continue
         days += 1
-        latest, latest_counts = report, counts
+        attributed = _variant_counts(report, prefix, ATTRIBUTED)
+        latest, latest_counts, attributed_latest = report, counts, attributed
         for name, found in counts.items():
             total.setdefault(name, Counts()).merge(found)
+        for name, found in attributed.items():
+            attributed_total.setdefault(name, Counts()).merge(found)
     return ExperimentResults(
         experiment=experiment,
         latest=latest,
         latest_rows=_rows(variants, latest_counts),
         total_rows=_rows(variants, total),
         days=days,
+        attributed_latest_rows=_rows(variants, attributed_latest) if attributed_latest else [],
+        attributed_total_rows=_rows(variants, attributed_total) if attributed_total else [],
     )
 
 
 def online_report_latest() -> OnlineEvaluationReport | None:
     """The most recent daily online evaluation, if any."""
     return OnlineEvaluationReport.objects.order_by("-date").first()
+
+
+def online_reports_trend(*, day: date, days: int = 14) -> list[OnlineEvaluationReport]:
+    """The daily reports of the ``days`` days ending with ``day``, oldest first (one query)."""
+    reports = OnlineEvaluationReport.objects.filter(
+        date__lte=day, date__gt=day - timedelta(days=days)
+    ).order_by("date")
+    return list(reports)

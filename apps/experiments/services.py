@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from apps.experiments import attribution
+from apps.experiments.attribution import Interaction
 from apps.experiments.bucketing import BUCKETS
 from apps.experiments.choices import ExperimentStatus
 from apps.experiments.models import ConfigVersion, Experiment, OnlineEvaluationReport, Variant
@@ -519,17 +523,135 @@ def _item_prices() -> dict[int, float]:
     return {int(i): float(p) for i, p in zip(frame["item_id"], frame["price"], strict=True)}
 
 
+def online_attribution_window() -> timedelta:
+    """How long after an exposure an interaction is credited to it (RECO
+    ``ONLINE_ATTRIBUTION_HOURS``, default 24)."""
+    hours = float(getattr(settings, "RECO", {}).get("ONLINE_ATTRIBUTION_HOURS", 24))
+    if hours <= 0:
+        raise ExperimentError([f"RECO ONLINE_ATTRIBUTION_HOURS must be above 0, not {hours:g}"])
+    return timedelta(hours=hours)
+
+
+def online_promotion_span() -> timedelta:
+    """The longest window compared on each side of a promotion (RECO
+    ``ONLINE_PROMOTION_WINDOW_DAYS``, default 7)."""
+    days = float(getattr(settings, "RECO", {}).get("ONLINE_PROMOTION_WINDOW_DAYS", 7))
+    if days <= 0:
+        raise ExperimentError([f"RECO ONLINE_PROMOTION_WINDOW_DAYS must be above 0, not {days:g}"])
+    return timedelta(days=days)
+
+
+def _clean_interactions(
+    *, since: datetime, until: datetime
+) -> tuple[list[Interaction], datetime | None]:
+    """The clean interactions that can be credited to an exposure, ``since <= ts < until``,
+    and when the clean stage last wrote them (None before the pipeline cleaned anything).
+
+    Reads only the needed columns and row groups of DATA_DIR/clean/interactions.parquet (the
+    clean stage's output, as ``apps.pipeline.frames.write_frames`` writes it).
+    """
+    path = Path(settings.DATA_DIR) / "clean" / "interactions.parquet"
+    if not path.is_file():
+        return [], None
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    as_of = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    present = set(pq.read_schema(path).names)
+    wanted = ("user_id", "visitor_id", "item_id", "event", "ts", "value", "quantity")
+    frame = pd.read_parquet(
+        path,
+        columns=[c for c in wanted if c in present],
+        filters=[
+            ("ts", ">=", since),
+            ("ts", "<", until),
+            ("event", "in", sorted(attribution.EVENT_KINDS)),
+        ],
+    )
+    return attribution.interactions_from_frame(frame, since=since, until=until), as_of
+
+
+def _promotion_comparison(
+    *, now: datetime, window: timedelta, prices: dict[int, float]
+) -> dict[str, Any] | None:
+    """Before/after the current primary's promotion (``attribution.compare_promotion``); None
+    without a promoted primary."""
+    from apps.models.selectors import model_version_primary
+    from apps.serving.exposure import default_path
+
+    primary = model_version_primary()
+    if primary is None or primary.promoted_at is None:
+        return None
+    span = online_promotion_span()
+    promoted = primary.promoted_at
+    # Once both windows have their full span the comparison no longer changes: reuse the last
+    # one stored rather than read two spans of logs again every day.
+    for stored in OnlineEvaluationReport.objects.order_by("-computed_at").values_list(
+        "results", flat=True
+    )[:3]:
+        found = (stored or {}).get("promotion") or {}
+        if (
+            found.get("status") == "ready"
+            and found.get("model_version") == primary.version
+            and found.get("promoted_at") == promoted.isoformat()
+            and found.get("hours") == span.total_seconds() / 3600
+        ):
+            return found
+    interactions, _ = _clean_interactions(
+        since=promoted - span, until=min(promoted + span + window, now)
+    )
+    return attribution.compare_promotion(
+        default_path(),
+        promoted_at=promoted,
+        now=now,
+        span=span,
+        interactions=interactions,
+        window=window,
+        prices=prices,
+        model_version=primary.version,
+    )
+
+
+def online_report_json_path(day: date) -> Path:
+    """Where a day's online evaluation is written as JSON: DATA_DIR/evaluation/."""
+    return Path(settings.DATA_DIR) / "evaluation" / f"online-{day.isoformat()}.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+_COMPUTE = object()
+
+
 def online_report_compute(
-    *, day: date, triggered_by: str = "beat", now: datetime | None = None
+    *,
+    day: date,
+    triggered_by: str = "beat",
+    now: datetime | None = None,
+    promotion: Any = _COMPUTE,
 ) -> OnlineEvaluationReport:
-    """Evaluate one UTC day of exposures and feedback (``apps.experiments.online``) and store it
-    as that day's ``OnlineEvaluationReport``, replacing an earlier computation of the day.
+    """Evaluate one UTC day of exposures and store it as that day's ``OnlineEvaluationReport``
+    (replacing an earlier computation of the day) and as DATA_DIR/evaluation/online-<day>.json.
+
+    Outcomes come from the feedback log (joined by request id) and from the clean interactions
+    attributed by last touch within ``online_attribution_window()``
+    (``apps.experiments.attribution``), broken down by day, scene, channel, position bucket,
+    variant and model version; the report also compares equal windows before and after the
+    current primary's promotion. ``results["by_variant"]`` and ``["by_model_version"]`` keep
+    the feedback basis, as reports always had.
 
     Safe to run twice. A day still running is evaluated up to ``now``; a future day is refused
-    with ``ExperimentError``. Feedback is read up to 24 hours past the day, so recomputing a
-    day later counts clicks that came after midnight.
+    with ``ExperimentError``. Feedback is read up to 24 hours past the day and interactions up
+    to the attribution window past it, so recomputing a day later (``online_report_daily`` does)
+    counts what happened after midnight; ``summary["attribution"]["complete"]`` says whether
+    the clean interactions already covered the whole window when it was computed.
+    ``promotion`` passes a comparison computed already (it depends on ``now``, not the day).
     """
-    from apps.experiments import online
     from apps.serving.exposure import default_path
 
     now = now or timezone.now()
@@ -537,11 +659,42 @@ def online_report_compute(
     if start >= now:
         raise ExperimentError([f"online report: {day.isoformat()} has not started yet (UTC)"])
     end = min(start + timedelta(days=1), now)
+    window = online_attribution_window()
     began = time.perf_counter()
-    result = online.evaluate_online(default_path(), start=start, end=end, prices=_item_prices())
+    prices = _item_prices()
+    interactions, as_of = _clean_interactions(since=start, until=end + window)
+    result = attribution.evaluate_grouped(
+        default_path(),
+        start=start,
+        end=end,
+        interactions=interactions,
+        window=window,
+        prices=prices,
+    )
     data = result.to_dict()
-    summary = {"feedback": data["feedback"], "logs": data["logs"]}
-    results = {"by_variant": data["by_variant"], "by_model_version": data["by_model_version"]}
+    if promotion is _COMPUTE:
+        promotion = _promotion_comparison(now=now, window=window, prices=prices)
+    settled = start + timedelta(days=1) + window
+    results = {
+        "by_variant": data["breakdown"][attribution.FEEDBACK]["variant"],
+        "by_model_version": data["breakdown"][attribution.FEEDBACK]["model_version"],
+        "totals": data["totals"],
+        "breakdown": data["breakdown"],
+        "promotion": promotion,
+    }
+    summary = {
+        "feedback": data["feedback"],
+        "logs": data["logs"],
+        "attribution": {
+            **data["attribution"],
+            "model": data["attribution_model"],
+            "window_hours": data["window_hours"],
+            "interactions_as_of": as_of.isoformat() if as_of else None,
+            "complete_after": settled.isoformat(),
+            "complete": as_of is not None and as_of >= settled,
+        },
+    }
+    seconds = round(time.perf_counter() - began, 3)
     with transaction.atomic():
         report, _ = OnlineEvaluationReport.objects.update_or_create(
             date=day,
@@ -551,8 +704,50 @@ def online_report_compute(
                 "computed_at": now,
                 "results": results,
                 "summary": summary,
-                "seconds": round(time.perf_counter() - began, 3),
+                "seconds": seconds,
                 "triggered_by": triggered_by[:64],
             },
         )
+    _write_json(
+        online_report_json_path(day),
+        {
+            "date": day.isoformat(),
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+            "computed_at": now.isoformat(),
+            "triggered_by": report.triggered_by,
+            "seconds": seconds,
+            "results": results,
+            "summary": summary,
+        },
+    )
     return report
+
+
+def online_report_daily(
+    *, triggered_by: str = "beat", now: datetime | None = None
+) -> tuple[OnlineEvaluationReport, list[OnlineEvaluationReport]]:
+    """Yesterday's report (UTC), plus a recomputation of each earlier report whose attribution
+    window had not closed (``summary["attribution"]["complete"]`` false) when it was computed,
+    as far back as the window reaches. Returns (yesterday's, the recomputed ones).
+
+    Safe to run twice: each day is recomputed in place.
+    """
+    now = now or timezone.now()
+    yesterday = now.date() - timedelta(days=1)
+    report = online_report_compute(day=yesterday, triggered_by=triggered_by, now=now)
+    reach = math.ceil(online_attribution_window() / timedelta(days=1)) + 1
+    earlier = OnlineEvaluationReport.objects.filter(
+        date__gte=yesterday - timedelta(days=reach), date__lt=yesterday
+    ).order_by("date")
+    recomputed = [
+        online_report_compute(
+            day=old.date,
+            triggered_by=triggered_by,
+            now=now,
+            promotion=report.results.get("promotion"),
+        )
+        for old in earlier
+        if not ((old.summary or {}).get("attribution") or {}).get("complete")
+    ]
+    return report, recomputed

@@ -64,14 +64,16 @@ SCHEDULES: tuple[Schedule, ...] = (
         "Weekly offline evaluation (stratified split) stored as an EvaluationReport.",
         day_of_week="0",
     ),
-    # Every day at 00:20 UTC: yesterday's exposures joined to feedback, per variant and model.
+    # Every day at 00:20 UTC: yesterday's exposures joined to client feedback and to the site's
+    # attributed views and orders, by variant, model, scene, channel and position.
     Schedule(
         "experiments: online report",
         "experiments.online_report_compute",
         {},
         "20",
         "0",
-        "Daily online evaluation (CTR, CVR, GMV per variant) of the previous UTC day.",
+        "Daily online evaluation (CTR, CVR, GMV per exposure by variant, model, scene,"
+        " channel and position) of the previous UTC day.",
     ),
 )
 

@@ -308,8 +308,9 @@ def post_feedback(live_server: Any, **event: Any) -> None:
 
 
 def test_compute_now_turns_served_requests_and_feedback_into_results_per_variant(
-    browser, live_server, admin_user, serving, registry, exposure_writer
+    browser, live_server, admin_user, serving, registry, exposure_writer, data_dir
 ):
+    # (data_dir: the computation writes DATA_DIR/evaluation/online-<day>.json, kept out of var/)
     # Given experiment "home" running (control 0-4999, ease 5000-9999) and one user in each
     home = experiment_services.experiment_create(
         name="home",
