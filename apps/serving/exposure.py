@@ -249,9 +249,11 @@ class ExposureWriter:
         return handle
 
     def _drain(self) -> None:
+        gauge = metrics.QUEUE_SIZE.labels(pool="exposure_log")
         while True:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
+            gauge.set(len(self._buffer))  # what piled up in one interval
             self._write_buffered()
             if self._stop:
                 self._write_buffered()
