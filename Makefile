@@ -14,7 +14,7 @@ DEMO_SEED ?= 42
 PROM_DIR ?= var/prometheus
 
 .PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
-        test lint format pytest check-sources clean-data benchmarks quality quality-movielens
+        test lint format pytest check-sources clean-data benchmarks quality quality-movielens reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -104,6 +104,13 @@ pytest: venv
 	$(BIN)/pytest -q
 
 test: lint pytest  ## ruff + the whole test suite
+
+RELIABILITY_SITE ?= var/reliability-site
+SOAK_SECONDS ?= 600
+
+reliability: venv  ## long serving runs: overload at 2x capacity (~6 min), soak at half of it for SOAK_SECONDS (600); JSON in benchmarks/results/
+	$(BIN)/python -m benchmarks.reliability_overload --site $(RELIABILITY_SITE)
+	$(BIN)/python -m benchmarks.reliability_soak --site $(RELIABILITY_SITE) --duration $(SOAK_SECONDS)
 
 benchmarks: venv  ## pipeline benchmarks (long; results in benchmarks/results/)
 	$(BIN)/python -m benchmarks.extract_throughput

@@ -43,8 +43,25 @@ def free_port() -> int:
 
 
 async def _load(
-    host: str, port: int, paths: list[str], rate: float, duration: float, connections: int
+    host: str,
+    port: int,
+    paths: list[str],
+    rate: float,
+    duration: float,
+    connections: int,
+    *,
+    timeout: float = 2.0,
+    record: bool = False,
 ) -> dict:
+    """Drive `rate` requests/s for `duration` s over at most `connections` connections.
+
+    `timeout` is the client's wait for a response once sent (a client timeout after it).
+    With `record`, the result also carries `samples`, one per request in send order:
+    `[offset_s, latency_ms, status, source, degraded, degrade_reason, model_version,
+    retry_after]` with `offset_s` the scheduled send time from `started_at` (a
+    `time.monotonic()` value, comparable across processes), `latency_ms`/`status` None
+    for a client timeout or connection error (`status` then "timeout" / "error").
+    """
     total = int(rate * duration)
     queue: asyncio.Queue[tuple[float, str] | None] = asyncio.Queue()
     latencies: list[float] = []
@@ -57,6 +74,28 @@ async def _load(
         "degraded": 0,
     }
     loop = asyncio.get_running_loop()
+    samples: list[list] = []
+
+    def sample(scheduled: float, status, latency, head: bytes = b"", body: bytes = b"") -> None:
+        if not record:
+            return
+        row = [round(scheduled - start, 4), latency, status, None, None, None, None, None]
+        if body[:1] == b"{":
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = {}
+            row[3:7] = [
+                doc.get("source"),
+                doc.get("degraded"),
+                doc.get("degrade_reason"),
+                doc.get("model_version"),
+            ]
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.lower() == b"retry-after":
+                row[7] = value.strip().decode()
+        samples.append(row)
 
     async def worker() -> None:
         reader = writer = None
@@ -71,7 +110,7 @@ async def _load(
                 writer.write(
                     f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n".encode()
                 )
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=2.0)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=timeout)
                 status = int(head.split(b" ", 2)[1])
                 length = 0
                 close = False
@@ -81,8 +120,9 @@ async def _load(
                         length = int(value)
                     elif name.lower() == b"connection" and value.strip().lower() == b"close":
                         close = True
-                body = await asyncio.wait_for(reader.readexactly(length), timeout=2.0)
+                body = await asyncio.wait_for(reader.readexactly(length), timeout=timeout)
                 latencies.append(loop.time() - scheduled)
+                sample(scheduled, status, round(1000 * latencies[-1], 2), head, body)
                 if status >= 500:
                     counts["http_5xx"] += 1
                 elif status >= 400:
@@ -96,11 +136,13 @@ async def _load(
                     reader = writer = None
             except TimeoutError:
                 counts["client_timeouts"] += 1
+                sample(scheduled, "timeout", None)
                 if writer is not None:
                     writer.close()
                 reader = writer = None
             except (OSError, asyncio.IncompleteReadError, ValueError):
                 counts["errors"] += 1
+                sample(scheduled, "error", None)
                 if writer is not None:
                     writer.close()
                 reader = writer = None
@@ -128,6 +170,7 @@ async def _load(
         )
 
     done = sum(counts[k] for k in ("ok", "http_4xx", "http_5xx"))
+    extra = {"started_at": start, "samples": sorted(samples)} if record else {}
     return {
         "requests_scheduled": total,
         "requests_completed": done,
@@ -139,23 +182,39 @@ async def _load(
         "max_ms": pct(1.0),
         **counts,
         "degraded_share": round(counts["degraded"] / max(1, counts["ok"]), 4),
+        **extra,
     }
 
 
-def _run_load(args: tuple, out: mp.Queue) -> None:
-    out.put(asyncio.run(_load(*args)))
+def _run_load(args: tuple, out: mp.Queue, options: dict | None = None) -> None:
+    out.put(asyncio.run(_load(*args, **(options or {}))))
 
 
-def load_from_second_process(host, port, paths, rate, duration, connections) -> dict:
+class LoadProcess:
+    """A load run in a second process, started now and collected with `result()`, so the
+    caller can inject faults while it runs."""
+
+    def __init__(self, host, port, paths, rate, duration, connections, **options) -> None:
+        self.duration = duration
+        self._out: mp.Queue = mp.Queue()
+        self._proc = mp.Process(
+            target=_run_load,
+            args=((host, port, paths, rate, duration, connections), self._out, options),
+        )
+        self._proc.start()
+
+    def result(self) -> dict:
+        try:
+            return self._out.get(timeout=self.duration + 120)
+        finally:
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.kill()
+
+
+def load_from_second_process(host, port, paths, rate, duration, connections, **options) -> dict:
     """The generator runs in its own process so it does not share the GIL with anything else."""
-    out: mp.Queue = mp.Queue()
-    proc = mp.Process(
-        target=_run_load, args=((host, port, paths, rate, duration, connections), out)
-    )
-    proc.start()
-    result = out.get(timeout=duration + 120)
-    proc.join(timeout=10)
-    return result
+    return LoadProcess(host, port, paths, rate, duration, connections, **options).result()
 
 
 def user_ids(data_dir: Path, limit: int = 500) -> list[int]:
@@ -188,6 +247,9 @@ def main() -> int:
             "DJANGO_SECRET_KEY", "benchmark-only-secret-key-0123456789"
         ),
         "PROMETHEUS_MULTIPROC_DIR": prom,
+        # Production settings redirect plain HTTP to HTTPS; TLS ends at a proxy in front of
+        # gunicorn and this generator speaks plain HTTP to gunicorn as that proxy would.
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
         "RECO_BIND": f"127.0.0.1:{port}",
         "RECO_WORKERS": str(args.workers),
         "LOG_LEVEL": "warning",

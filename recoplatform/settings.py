@@ -8,7 +8,9 @@ server; docs/CONFIGURATION.md lists them all.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -47,6 +49,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: an overloaded worker refuses work (503 + Retry-After) before anything is spent on
+    # it (apps/serving/shedding.py; RECO["SHED_*"]).
+    "apps.serving.shedding.SheddingMiddleware",
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -132,6 +137,21 @@ CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = "UTC"
 
+# Loopback and private ranges: where a Prometheus scraper sits (compose network, cluster).
+_PRIVATE_NETWORKS = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+
+def _networks(name: str, default: str) -> list[str]:
+    """A comma list of IP networks (CIDR); a bad one stops start-up naming the variable."""
+    networks = [n.strip() for n in env_str(name, default).split(",") if n.strip()]
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {network!r} is not an IP network") from None
+    return networks
+
+
 # --- Platform options (read through apps.pipeline.conf.reco()) -----------------------------
 RECO = {
     "SOURCES_CONTRACT": env_str("RECO_SOURCES_CONTRACT", str(BASE_DIR / "config" / "sources.yaml")),
@@ -145,6 +165,12 @@ RECO = {
     "EXTRACT_BATCH_ROWS": env_int("RECO_EXTRACT_BATCH_ROWS", 50_000, minimum=1),
     # Training options (apps.pipeline.train.trainer.TrainConfig fields).
     "TRAIN_OPTIONS": {"max_users": env_int("RECO_TRAIN_MAX_USERS", 4000, minimum=10)},
+    # Online evaluation: how long after an exposure a view/order is credited to it (last
+    # touch), and the longest window compared on each side of a promotion.
+    "ONLINE_ATTRIBUTION_HOURS": env_float("RECO_ONLINE_ATTRIBUTION_HOURS", 24.0, minimum=0.01),
+    "ONLINE_PROMOTION_WINDOW_DAYS": env_float(
+        "RECO_ONLINE_PROMOTION_WINDOW_DAYS", 7.0, minimum=0.01
+    ),
     # The evaluate stage (stratified protocol): inner folds whose examples train its ranker.
     "EVALUATE_RANKER_FOLDS": env_int("RECO_EVALUATE_RANKER_FOLDS", 1, minimum=1),
     # The first model of an empty registry is promoted (through every gate) after training.
@@ -161,7 +187,34 @@ RECO = {
     "SERVING_REDIS_TIMEOUT_MS": env_int("RECO_SERVING_REDIS_TIMEOUT_MS", 50, minimum=1),
     "SERVING_POLL_SECONDS": env_float("RECO_SERVING_POLL_SECONDS", 5.0, minimum=0.1),
     "SERVING_PUBSUB": env_bool("RECO_SERVING_PUBSUB", default=True),
+    # Per-process circuit breakers in front of Redis and of each bundle's local store: open
+    # after this many consecutive timeouts/connection errors, probe again after the reset time.
+    # A sync worker stalls for failures x the Redis timeout while its breaker opens (3 x 50 ms:
+    # p99 stays under 200 ms when Redis hangs; with 5 it reached 150-185 ms).
+    "SERVING_BREAKER_FAILURES": env_int("RECO_SERVING_BREAKER_FAILURES", 3, minimum=1),
+    "SERVING_BREAKER_RESET_SECONDS": env_float(
+        "RECO_SERVING_BREAKER_RESET_SECONDS", 2.0, minimum=0.01
+    ),
+    # Overload shedding (apps/serving/shedding.py), first in MIDDLEWARE: once every request
+    # for SHED_QUEUE_INTERVAL_MS waited longer than SHED_QUEUE_TARGET_MS for a worker (a
+    # standing queue, not a burst), refuse those that did with 503 + Retry-After until the
+    # queue is gone (target 0: off); SHED_MAX_IN_FLIGHT caps concurrent requests in a
+    # threaded worker (0: off). Accepted requests then wait about the target under overload.
+    # The interval must outlast a breaker opening (3 x 50 ms of Redis timeouts), which is a
+    # burst to serve, not an overload to shed.
+    "SHED_ENABLED": env_bool("RECO_SHED_ENABLED", default=True),
+    "SHED_QUEUE_TARGET_MS": env_float("RECO_SHED_QUEUE_TARGET_MS", 5.0, minimum=0.0),
+    "SHED_QUEUE_INTERVAL_MS": env_float("RECO_SHED_QUEUE_INTERVAL_MS", 200.0, minimum=1.0),
+    "SHED_MAX_IN_FLIGHT": env_int("RECO_SHED_MAX_IN_FLIGHT", 0, minimum=0),
+    "SHED_RETRY_AFTER_SECONDS": env_int("RECO_SHED_RETRY_AFTER_SECONDS", 1, minimum=1),
     "SHADOW_SAMPLE": env_float("RECO_SHADOW_SAMPLE", 0.2, minimum=0.0),
+    # Admin API tokens (DRF authtoken) are refused once older than this; re-issue with
+    # `manage.py drf_create_token -r USER`. Deleting a token revokes it.
+    "API_TOKEN_MAX_AGE_DAYS": env_float("RECO_API_TOKEN_MAX_AGE_DAYS", 30.0, minimum=0.0),
+    # /metrics answers clients in these networks, or any client with the bearer token
+    # (recoplatform/metrics.py). Default: loopback and private ranges (the scraper's network).
+    "METRICS_ALLOWED_NETWORKS": _networks("RECO_METRICS_ALLOWED_NETWORKS", _PRIVATE_NETWORKS),
+    "METRICS_TOKEN": env_str("RECO_METRICS_TOKEN", ""),
 }
 
 # --- Internationalisation, static files ------------------------------------------------------
@@ -172,9 +225,77 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 
+# --- Security: HTTPS, request size, API limits, cache --------------------------------------
+# With DJANGO_DEBUG off every HTTPS protection is on unless a variable turns it off
+# (`manage.py check --deploy --fail-level WARNING` passes; tests/reliability/test_deploy_checks.py).
+_PRODUCTION = not DEBUG
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=_PRODUCTION)
+# Probes and the Prometheus scraper speak plain HTTP inside the private network.
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", default=_PRODUCTION)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", default=_PRODUCTION)
+SECURE_HSTS_SECONDS = env_int(
+    "DJANGO_SECURE_HSTS_SECONDS", 31_536_000 if _PRODUCTION else 0, minimum=0
+)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool(
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=_PRODUCTION
+)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+if not SECURE_HSTS_PRELOAD:
+    # Preloading commits the whole registrable domain to HTTPS in browsers for a long time;
+    # only the domain's owner can decide that, so it is opt-in and its warning silenced.
+    SILENCED_SYSTEM_CHECKS = ["security.W021"]
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (and strips it from clients).
+if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# A larger request body is refused: a JSON 413 on the API (apps/serving/errors.py).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE", 2_621_440, minimum=1024)
+_ADMIN_THROTTLE_RATE = env_str("RECO_ADMIN_THROTTLE_RATE", "30/minute")
+if not re.fullmatch(r"[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)", _ADMIN_THROTTLE_RATE):
+    raise ImproperlyConfigured(
+        f"RECO_ADMIN_THROTTLE_RATE={_ADMIN_THROTTLE_RATE!r} is not a rate like 30/minute"
+    )
+
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Django's request-size and field-count refusals as JSON 413/400 (they were HTML 400s).
+    "EXCEPTION_HANDLER": "apps.serving.errors.exception_handler",
+    # The admin endpoints' throttle (apps.serving.auth.AdminRateThrottle), per client address.
+    "DEFAULT_THROTTLE_RATES": {"admin": _ADMIN_THROTTLE_RATE},
+    # Trusted proxies in front of the server: the client address is taken from
+    # X-Forwarded-For only that many hops back. 0 (default): REMOTE_ADDR, so a client cannot
+    # choose its throttle key or audit address by sending the header. DRF's own default
+    # (None) would trust the header.
+    "NUM_PROXIES": env_int("DJANGO_NUM_PROXIES", 0, minimum=0),
 }
+
+# The cache holds the admin throttle's counters. With Redis, every worker and host shares
+# them (a per-process cache would multiply the limit by the number of workers); short
+# timeouts and no retries, as on the serving path; if Redis does not answer the throttle
+# lets requests through (apps.serving.auth). Without Redis (one laptop): per-process memory.
+if REDIS_URL:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "reco-cache",
+            "OPTIONS": {
+                "socket_timeout": 0.1,
+                "socket_connect_timeout": 0.1,
+                "retry": Retry(NoBackoff(), 0),
+            },
+        }
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "recoplatform",
+        }
+    }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "recoplatform API",

@@ -23,3 +23,6 @@ urlpatterns = [
     path("", include("apps.pipeline.urls")),
     path("metrics", metrics, name="prometheus-django-metrics"),
 ]
+
+# JSON 404s under /api/ (apps/serving/errors.py), Django's page elsewhere.
+handler404 = "apps.serving.errors.not_found"

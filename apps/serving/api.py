@@ -13,11 +13,13 @@ import time
 import uuid
 from typing import Any
 
-from django.contrib import auth
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import FormParser, JSONParser
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -27,14 +29,19 @@ from apps.experiments.choices import Scene
 from apps.experiments.params import VariantParams
 from apps.models.selectors import model_version_serving_state
 from apps.serving import metrics
-from apps.serving.auth import ADMIN_AUTHENTICATION, IsStaffWithReloadPermission
+from apps.serving.auth import RELOAD_PERMISSION, AdminAPIView
 from apps.serving.engine import diversity, recommend
 from apps.serving.engine.degrade import Deadline, Outcome
 from apps.serving.engine.recommend import Options, RecItem, Stores
 from apps.serving.engine.snapshot import ServingSnapshot
 from apps.serving.engine.sources import Reason
-from apps.serving.exposure import AUDIT, EXPOSURES, FEEDBACK, get_writer
+from apps.serving.errors import ADMIN_ERRORS, BODY_ERRORS
+from apps.serving.exposure import EXPOSURES, FEEDBACK, get_writer
+from apps.serving.fastinput import fast_validate
 from apps.serving.serializers import (
+    DEFAULT_LIMIT,
+    MAX_ID,
+    MAX_LIMIT,
     SANE_TOKEN,
     AssignmentInput,
     AssignmentOutput,
@@ -48,7 +55,6 @@ from apps.serving.serializers import (
     ReloadOutput,
     SimilarInput,
 )
-from apps.serving.fastinput import fast_validate
 from apps.serving.shadow import ShadowJob, get_pool
 from apps.serving.state import Current, get_state, stores_with_deadline
 
@@ -132,6 +138,18 @@ def invalid(errors: Any, request_id_: str) -> Response:
     )
 
 
+def request_body(request: Request, rid: str) -> tuple[Any, Response | None]:
+    """The parsed request body, or the 400 for a malformed one (bad JSON, too many form
+    fields) in the API's shape: DRF's own answer has a string `detail`. A body that is too
+    large (413) or of an unsupported type (415) propagates to DRF's JSON answers."""
+    try:
+        return request.data, None
+    except RequestDataTooBig:
+        raise
+    except (ParseError, SuspiciousOperation) as exc:
+        return None, invalid({"body": [str(getattr(exc, "detail", exc))]}, rid)
+
+
 BAD_REQUEST = OpenApiResponse(ErrorOutput, description="Invalid input (`invalid_request`).")
 REQUEST_ID_PARAMETER = OpenApiParameter(
     "X-Request-ID",
@@ -140,11 +158,13 @@ REQUEST_ID_PARAMETER = OpenApiParameter(
     required=False,
     description="Echoed when it is a short printable token; otherwise a new id is made.",
 )
+# The bounds the input serializers enforce, in the schema too (clients and the fuzzer see them).
+ID_SCHEMA = {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_ID}
+LIMIT_SCHEMA = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
+TOKEN_SCHEMA = {"type": "string", "pattern": SANE_TOKEN.pattern}
 LIMIT_PARAMETERS = [
-    OpenApiParameter("limit", OpenApiTypes.INT, description="1..100, default 10."),
-    OpenApiParameter(
-        "visitor_id", OpenApiTypes.STR, description="Anonymous visitor id (logged only)."
-    ),
+    OpenApiParameter("limit", LIMIT_SCHEMA, description="1..100, default 10."),
+    OpenApiParameter("visitor_id", TOKEN_SCHEMA, description="Anonymous visitor id (logged only)."),
     REQUEST_ID_PARAMETER,
 ]
 
@@ -344,7 +364,7 @@ class ForYouView(RecommendationView):
         operation_id="recommendations_for_you",
         summary="Personalised recommendations for a user",
         parameters=[
-            OpenApiParameter("user_id", OpenApiTypes.INT, required=True, description="1..2^63-1"),
+            OpenApiParameter("user_id", ID_SCHEMA, required=True, description="1..2^63-1"),
             *LIMIT_PARAMETERS,
         ],
         responses={200: RecommendationOutput, 400: BAD_REQUEST},
@@ -375,11 +395,9 @@ class SimilarView(RecommendationView):
         operation_id="items_similar",
         summary="Items similar to an item",
         parameters=[
+            OpenApiParameter("item_id", ID_SCHEMA, OpenApiParameter.PATH, description="1..2^63-1"),
             OpenApiParameter(
-                "item_id", OpenApiTypes.INT, OpenApiParameter.PATH, description="1..2^63-1"
-            ),
-            OpenApiParameter(
-                "user_id", OpenApiTypes.INT, description="For experiment bucketing (optional)."
+                "user_id", ID_SCHEMA, description="For experiment bucketing (optional)."
             ),
             *LIMIT_PARAMETERS,
         ],
@@ -408,10 +426,8 @@ class DetailView(RecommendationView):
         operation_id="items_for_user",
         summary="Detail-page recommendations for an item, personalised for a user",
         parameters=[
-            OpenApiParameter(
-                "item_id", OpenApiTypes.INT, OpenApiParameter.PATH, description="1..2^63-1"
-            ),
-            OpenApiParameter("user_id", OpenApiTypes.INT, required=True, description="1..2^63-1"),
+            OpenApiParameter("item_id", ID_SCHEMA, OpenApiParameter.PATH, description="1..2^63-1"),
+            OpenApiParameter("user_id", ID_SCHEMA, required=True, description="1..2^63-1"),
             *LIMIT_PARAMETERS,
         ],
         responses={200: RecommendationOutput, 400: BAD_REQUEST},
@@ -442,7 +458,11 @@ class PopularView(RecommendationView):
         operation_id="popular",
         summary="Popular items, optionally within one category",
         parameters=[
-            OpenApiParameter("category", OpenApiTypes.STR, description="Category name."),
+            OpenApiParameter(
+                "category",
+                {"type": "string", "minLength": 1, "maxLength": 100},
+                description="Category name.",
+            ),
             *LIMIT_PARAMETERS,
         ],
         responses={200: RecommendationOutput, 400: BAD_REQUEST},
@@ -463,6 +483,9 @@ class FeedbackView(APIView):
     # CSRF, and the event only ever lands in a log.
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
+    # No multipart: an event has no files, and Django streams multipart files to disk
+    # whatever DATA_UPLOAD_MAX_MEMORY_SIZE says (a public endpoint must not take them).
+    parser_classes = [JSONParser, FormParser]
     endpoint = "feedback"
 
     @extend_schema(
@@ -470,13 +493,16 @@ class FeedbackView(APIView):
         summary="Record a user event on a recommended item",
         request=FeedbackInput,
         parameters=[REQUEST_ID_PARAMETER],
-        responses={202: FeedbackAcceptedOutput, 400: BAD_REQUEST},
+        responses={202: FeedbackAcceptedOutput, 400: BAD_REQUEST, **BODY_ERRORS},
     )
     def post(self, request: Request) -> Response:
         started = time.perf_counter()
         rid = request_id(request)
-        form = FeedbackInput(data=request.data)
-        if not form.is_valid():
+        data, malformed = request_body(request, rid)
+        form = FeedbackInput(data=data)
+        if malformed is not None:
+            response = malformed
+        elif not form.is_valid():
             response = invalid(form.errors, rid)
         else:
             record = {"ts": timezone.now().isoformat(), **form.validated_data}
@@ -502,9 +528,7 @@ class AssignmentView(APIView):
         operation_id="users_assignment",
         summary="What a user is served: model version and experiment variant per scene",
         parameters=[
-            OpenApiParameter(
-                "user_id", OpenApiTypes.INT, OpenApiParameter.PATH, description="1..2^63-1"
-            ),
+            OpenApiParameter("user_id", ID_SCHEMA, OpenApiParameter.PATH, description="1..2^63-1"),
             REQUEST_ID_PARAMETER,
         ],
         responses={200: AssignmentOutput, 400: BAD_REQUEST},
@@ -580,26 +604,22 @@ def _params_json(params: VariantParams) -> dict[str, Any]:
     return out
 
 
-class ReloadView(APIView):
+class ReloadView(AdminAPIView):
     """POST /api/v1/admin/reload: refresh this process's serving state now.
 
     Staff with `registry.change_modelversion` only, by token or by session + CSRF. Every
-    attempt, allowed or refused, is written synchronously to the audit log.
+    attempt, allowed or refused, is written synchronously to the audit log (`AdminAPIView`).
     """
 
-    authentication_classes = ADMIN_AUTHENTICATION
-    permission_classes = [IsStaffWithReloadPermission]
+    required_permission = RELOAD_PERMISSION
+    audit_action = "serving_reload"
     endpoint = "reload"
 
     @extend_schema(
         operation_id="admin_reload",
         summary="Reload the serving state of this worker (staff only)",
         request=None,
-        responses={
-            200: ReloadOutput,
-            401: OpenApiResponse(description="Not authenticated."),
-            403: OpenApiResponse(description="Not allowed, or missing CSRF token (session)."),
-        },
+        responses={200: ReloadOutput, **ADMIN_ERRORS},
     )
     def post(self, request: Request) -> Response:
         state = get_state()
@@ -609,54 +629,14 @@ class ReloadView(APIView):
             "changed": changed,
             "model_version": current.snapshot.model_version if current.snapshot else None,
             "experiments_version": current.experiments.version,
-            "redis_published": current.stores.redis_published,
+            # False when no Redis is configured: nothing is published anywhere.
+            "redis_published": current.stores.redis is not None and current.stores.redis_published,
             "pid": os.getpid(),
         }
         metrics.set_model_version(body["model_version"])
         return Response(ReloadOutput(body).data)
 
-    def finalize_response(
-        self, request: Request, response: Response, *args: Any, **kwargs: Any
-    ) -> Response:
-        response = super().finalize_response(request, response, *args, **kwargs)
-        self.audit(request, response)
-        return response
-
-    def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        response = super().dispatch(request, *args, **kwargs)
-        metrics.observe_request(self.endpoint, response.status_code, time.perf_counter() - started)
-        return response
-
-    def audit(self, request: Request, response: Response) -> None:
-        # `_user` rather than `user`: reading `user` after a failed authentication would run
-        # the authenticators again.
-        user = getattr(request, "_user", None)
-        if user is None or not user.is_authenticated:
-            # A session whose CSRF check failed is not authenticated for DRF (which also resets
-            # the Django request's user), but the audit should still say whose session tried.
-            user = auth.get_user(request._request)
-        actor = user.get_username() if user is not None and user.is_authenticated else ""
-        authenticator = getattr(request, "_authenticator", None)
-        allowed = response.status_code < 400
+    def audit_details(self, response: Response) -> dict[str, Any]:
         data = getattr(response, "data", None)
-        data = data if isinstance(data, dict) else {}
-        record = {
-            "ts": timezone.now().isoformat(),
-            "action": "serving_reload",
-            "outcome": "applied" if allowed else "refused",
-            "status": response.status_code,
-            "method": request.method,
-            "actor": actor or "anonymous",
-            "auth": type(authenticator).__name__ if authenticator is not None else None,
-            "address": request.META.get("REMOTE_ADDR"),
-            "reason": "" if allowed else str(data.get("detail", "")),
-            "model_version": data.get("model_version") if allowed else None,
-        }
-        try:
-            get_writer().write_now(AUDIT, record)
-        except Exception:  # the audit file is unwritable: say so loudly, keep the answer
-            logger.exception("serving reload: cannot write the audit line %s", record)
-        logger.info(
-            "serving reload %s by %s: %s", record["outcome"], record["actor"], response.status_code
-        )
+        served = data.get("model_version") if isinstance(data, dict) else None
+        return {"model_version": served if response.status_code < 400 else None}

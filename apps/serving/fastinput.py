@@ -4,7 +4,7 @@ DRF builds a serializer's fields with a deep copy on every instantiation: about 
 0.6 ms request. Almost every real request is valid and simple (ASCII digits, a sane token), so
 `fast_validate` accepts exactly those from the serializer's own field declarations and returns
 what the serializer would; anything else returns None and the caller runs the serializer, which
-produces the documented 400 (or accepts an unusual but valid value such as `12.0`). The fast
+produces the documented 400 (or accepts an unusual but valid value). The fast
 path can therefore only ever accept input the serializer accepts with the same value; a test
 checks that on a corpus of inputs.
 """

@@ -9,6 +9,7 @@ PROMETHEUS_MULTIPROC_DIR and prometheus_client aggregates the workers' files.
 
 from __future__ import annotations
 
+import os
 import threading
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -133,7 +134,13 @@ def set_model_version(version: str | None) -> None:
     with _model_lock:
         if version == _model_version:
             return
-        MODEL_INFO.clear()
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ:
+            # clear() is not implemented in multi-process mode (prometheus_client only warns):
+            # the previous version would keep reporting 1 beside the new one, so zero it.
+            if _model_version is not None:
+                MODEL_INFO.labels(version=_model_version).set(0)
+        else:
+            MODEL_INFO.clear()
         if version is not None:
             MODEL_INFO.labels(version=version).set(1)
         _model_version = version

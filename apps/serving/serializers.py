@@ -22,8 +22,33 @@ MAX_LIMIT = 100
 DEFAULT_LIMIT = 10
 
 
+# An integer in a query string or path: optional minus sign, then ASCII digits (at most 20).
+ASCII_INTEGER = re.compile(r"-?[0-9]{1,20}")
+
+
+class AsciiIntegerField(serializers.IntegerField):
+    """An integer; as text, ASCII digits only. DRF's IntegerField goes through Python's
+    `int()`, which also reads Arabic-Indic and full-width digits, '1_000', '+5', ' 12 ' and
+    '12.0' as numbers, so one id had many spellings (in logs, caches and experiment units)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        # JSON true/false are not numbers, though Python's int() would read them as 1/0.
+        if isinstance(data, bool) or (isinstance(data, str) and not ASCII_INTEGER.fullmatch(data)):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    """A number; JSON true/false are refused (DRF's FloatField reads them as 1.0/0.0)."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 def _id_field(**kwargs: object) -> serializers.IntegerField:
-    return serializers.IntegerField(min_value=1, max_value=MAX_ID, **kwargs)  # type: ignore[arg-type]
+    return AsciiIntegerField(min_value=1, max_value=MAX_ID, **kwargs)  # type: ignore[arg-type]
 
 
 def _token_field(**kwargs: object) -> serializers.RegexField:
@@ -33,7 +58,7 @@ def _token_field(**kwargs: object) -> serializers.RegexField:
 class LimitInput(serializers.Serializer):
     """`limit`: how many items to return; `visitor_id`: the anonymous visitor, logged only."""
 
-    limit = serializers.IntegerField(
+    limit = AsciiIntegerField(
         min_value=1, max_value=MAX_LIMIT, required=False, default=DEFAULT_LIMIT
     )
     visitor_id = _token_field(required=False)
@@ -105,8 +130,8 @@ class FeedbackInput(serializers.Serializer):
     item_id = _id_field()
     user_id = _id_field(required=False)
     visitor_id = _token_field(required=False)
-    position = serializers.IntegerField(min_value=0, max_value=MAX_POSITION, required=False)
-    value = serializers.FloatField(required=False, min_value=-1e12, max_value=1e12)
+    position = AsciiIntegerField(min_value=0, max_value=MAX_POSITION, required=False)
+    value = StrictFloatField(required=False, min_value=-1e12, max_value=1e12)
 
     def validate_value(self, value: float) -> float:
         if not math.isfinite(value):

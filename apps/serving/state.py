@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLL_SECONDS = 5.0
 DEFAULT_REDIS_TIMEOUT_MS = 50
 DEFAULT_REDIS_PREFIX = "reco"
+DEFAULT_BREAKER_FAILURES = 3
+DEFAULT_BREAKER_RESET_SECONDS = 2.0
 BUCKETS = 10_000
 # The channels `model_version_promote` & co. and the experiment services publish on.
 CHANGE_CHANNELS = ("reco:model:changed", "reco:experiments:changed")
@@ -54,6 +56,36 @@ CHANGE_CHANNELS = ("reco:model:changed", "reco:experiments:changed")
 
 def _option(name: str, default: Any) -> Any:
     return getattr(settings, "RECO", {}).get(name, default)
+
+
+def make_breaker(name: str) -> CircuitBreaker:
+    """A per-process breaker configured by RECO["SERVING_BREAKER_*"], exported to metrics."""
+    breaker = CircuitBreaker(
+        name,
+        failure_threshold=int(_option("SERVING_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES)),
+        reset_timeout=float(
+            _option("SERVING_BREAKER_RESET_SECONDS", DEFAULT_BREAKER_RESET_SECONDS)
+        ),
+        on_transition=lambda dependency, _old, new: metrics.observe_breaker(dependency, str(new)),
+    )
+    metrics.observe_breaker(name, "closed")
+    return breaker
+
+
+def load_with_store_breaker(bundle: Path, version: str) -> ServingSnapshot:
+    """The default loader: the bundle's local store behind its own breaker, so a locked
+    store.sqlite3 costs its 30 ms busy timeout a few times, not on every request."""
+    snapshot = load_snapshot(
+        bundle, version, store_breaker=make_breaker("local_store"), require_ranker=False
+    )
+    if snapshot.ranker_error is not None:
+        metrics.MODEL_LOAD_FAILURES.inc()
+        logger.error(
+            "serving: %s serves without its ranker (recall order, labelled ranker_failed): %s",
+            version,
+            snapshot.ranker_error,
+        )
+    return snapshot
 
 
 _NO_SNAPSHOTS: Mapping[str, ServingSnapshot] = MappingProxyType({})
@@ -116,7 +148,7 @@ class ServingState:
         redis_url: str | None = None,
         poll_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        loader: Callable[[Path, str], ServingSnapshot] = load_snapshot,
+        loader: Callable[[Path, str], ServingSnapshot] = load_with_store_breaker,
         background: bool = True,
     ) -> None:
         self.redis_url = settings.REDIS_URL if redis_url is None else redis_url
@@ -149,11 +181,7 @@ class ServingState:
         if self.redis_url:
             timeout = int(_option("SERVING_REDIS_TIMEOUT_MS", DEFAULT_REDIS_TIMEOUT_MS))
             self._client = make_serving_client(self.redis_url, timeout_ms=timeout)
-            self._breaker = CircuitBreaker(
-                "redis_candidates",
-                on_transition=lambda name, _old, new: metrics.observe_breaker(name, str(new)),
-            )
-            metrics.observe_breaker("redis_candidates", "closed")
+            self._breaker = make_breaker("redis_candidates")
 
     @property
     def breaker(self) -> CircuitBreaker | None:

@@ -6,7 +6,7 @@ gets the API's 400 JSON, not Django's HTML 404.
 
 from django.urls import path
 
-from apps.serving import api
+from apps.serving import admin_api, api
 
 app_name = "serving"
 
@@ -18,4 +18,11 @@ urlpatterns = [
     path("feedback", api.FeedbackView.as_view(), name="feedback"),
     path("users/<str:user_id>/assignment", api.AssignmentView.as_view(), name="assignment"),
     path("admin/reload", api.ReloadView.as_view(), name="admin-reload"),
+    path(
+        "admin/models/<str:version>/promote",
+        admin_api.PromoteView.as_view(),
+        name="admin-promote",
+    ),
+    path("admin/models/rollback", admin_api.RollbackView.as_view(), name="admin-rollback"),
+    path("admin/pipeline/retrain", admin_api.RetrainView.as_view(), name="admin-retrain"),
 ]

@@ -291,3 +291,13 @@ def test_metrics_count_requests_latency_degradation_exposures_and_model(client, 
     assert "user_id" not in "".join(
         line for line in after.splitlines() if line.startswith("recommendation_")
     )
+
+
+@pytest.mark.parametrize("field", ["item_id", "position", "value"])
+def test_json_booleans_are_not_numbers_in_feedback(client, writer, tmp_path, field) -> None:  # type: ignore[no-untyped-def]
+    event = {"request_id": "r-1", "event": "purchase", "item_id": 10, field: True}
+    response = client.post(FEEDBACK, event, content_type="application/json")
+    assert response.status_code == 400
+    assert field in response.json()["detail"]
+    writer.flush()
+    assert not (tmp_path / "logs" / "feedback.jsonl").exists()

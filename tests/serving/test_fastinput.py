@@ -92,7 +92,7 @@ def test_plain_valid_input_takes_the_fast_path_and_anything_odd_does_not() -> No
         "limit": 3,
         "visitor_id": "v-1",
     }
-    assert fast_validate(ForYouInput, {"user_id": "12.0"}) is None  # valid, but the slow path
+    assert fast_validate(ForYouInput, {"user_id": "12.0"}) is None  # the serializer refuses it
     assert fast_validate(ForYouInput, {"user_id": "0"}) is None
     assert fast_validate(ForYouInput, {}) is None
     assert fast_validate(PopularInput, {"category": " x"}) is None

@@ -238,7 +238,7 @@ def test_local_store_lists_are_served_as_they_are(bundle: Path, user_lists):
         snap.close()
 
 
-def test_a_bundle_whose_ranker_cannot_load_is_refused(bundle: Path, tmp_path: Path):
+def test_a_bundle_whose_ranker_cannot_load_is_refused(bundle: Path, tmp_path: Path, user_lists):
     import shutil
 
     broken = tmp_path / "broken"
@@ -246,6 +246,21 @@ def test_a_bundle_whose_ranker_cannot_load_is_refused(bundle: Path, tmp_path: Pa
     (broken / "ranker" / "model.txt").write_text("not a model")
     with pytest.raises(SnapshotError):
         load_snapshot(broken, "v2")
+    # Serving workers load it without the ranker instead, saying why, and the chain reports
+    # the missing ranker on every Redis answer it would have re-ranked.
+    lenient = load_snapshot(broken, "v2", require_ranker=False)
+    try:
+        assert lenient.ranker is None
+        assert lenient.ranker_error is not None
+        assert "ranker" in lenient.ranker_error.lower()
+        user, _ = _some_user(user_lists)
+        failures: list[str] = []
+        stores = Stores(redis=FakeRedis(user_lists))  # type: ignore[arg-type]
+        out = for_you(lenient, stores, user, 5, now=NOW, on_ranker_failed=failures.append)
+        assert failures == ["unavailable"]
+        assert out.items
+    finally:
+        lenient.close()
     # Without features/ and ranker/ there is no ranker and the snapshot still loads.
     shutil.rmtree(broken / "ranker")
     snap = load_snapshot(broken, "v2")

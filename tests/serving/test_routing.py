@@ -143,7 +143,9 @@ def test_a_category_cap_variant_diversifies_the_answer(client, tmp_path) -> None
     assert body["variant"] == "exp:arm"
 
 
-def test_the_assignment_shows_the_variant_params_and_the_served_version(client, two_versions) -> None:  # type: ignore[no-untyped-def]
+def test_the_assignment_shows_the_variant_params_and_the_served_version(
+    client, two_versions
+) -> None:  # type: ignore[no-untyped-def]
     params = {"channel_weights": {"ease": 2.0}, "ranker": False, "model_version": "v2"}
     _experiment("for_you", params)
     install()
@@ -151,7 +153,12 @@ def test_the_assignment_shows_the_variant_params_and_the_served_version(client, 
     assert body["variants"]["for_you"] == "exp:arm"
     assert body["params"]["for_you"] == params
     assert body["params"]["similar"] == {}
-    assert body["served_version"] == {"for_you": "v2", "similar": "v1", "detail": "v1", "popular": "v1"}
+    assert body["served_version"] == {
+        "for_you": "v2",
+        "similar": "v1",
+        "detail": "v1",
+        "popular": "v1",
+    }
 
 
 # -- detail page --------------------------------------------------------------------------
@@ -236,6 +243,7 @@ def test_a_change_message_on_redis_refreshes_the_worker_at_once(  # type: ignore
     ModelVersion.objects.filter(pk=v1.pk).update(status=ModelStatus.ARCHIVED)
     ModelVersion.objects.filter(pk=v2.pk).update(status=ModelStatus.PRIMARY)
     publisher.publish("reco:model:changed", json.dumps({"version": "v2"}))
+
     def serving() -> str | None:
         snapshot = state.current().snapshot
         return snapshot.model_version if snapshot is not None else None

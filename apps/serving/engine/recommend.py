@@ -165,6 +165,8 @@ def rank_candidates(
     the ranker), merged by score when it has none."""
     ranker = snapshot.ranker
     if ranker is None:
+        if snapshot.ranker_error is not None and on_ranker_failed is not None:
+            on_ranker_failed("unavailable")  # the bundle has a ranker that could not load
         return _merge_by_score(lists)
     weights = snapshot.channel_weights if channel_weights is None else channel_weights
     candidates = fuse_lists(lists, weights, MAX_CANDIDATES)

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from apps.serving.engine.breaker import CircuitBreaker
 from apps.serving.engine.local_store import LocalStore
 from apps.serving.engine.rank import Ranker, has_ranker
 
@@ -117,6 +118,9 @@ class ServingSnapshot:
     # weights for fusing per-channel candidate lists (absent channel: 1.0).
     ranker: Ranker | None = None
     channel_weights: Mapping[str, float] = field(default_factory=dict)
+    # Why the bundle's ranker is not serving although the bundle has one (None: it is, or the
+    # bundle has none). Answers then keep recall order and are labelled `ranker_failed`.
+    ranker_error: str | None = None
 
     def close(self) -> None:
         """Release the local store's connections (after a swap)."""
@@ -193,6 +197,8 @@ def load_snapshot(
     *,
     popular_size: int = POPULAR_SIZE,
     load_ranker: bool = True,
+    store_breaker: CircuitBreaker | None = None,
+    require_ranker: bool = True,
 ) -> ServingSnapshot:
     """Build the snapshot of the bundle at `bundle_dir`; `SnapshotError` when it cannot serve.
 
@@ -200,21 +206,37 @@ def load_snapshot(
     bundle whose store cannot be read is refused here, before any request sees it. So does
     the ranker's smoke check (a few rows scored, all finite) when the bundle has a ranker;
     `load_ranker=False` skips it (the snapshot then serves without re-ranking).
+    `store_breaker` guards the local store's reads: a locked or unreadable file then costs
+    its busy timeout only until the breaker opens, not on every request.
+    `require_ranker=False` serves a bundle whose ranker cannot load (a feature catalogue that
+    changed under an older bundle, a corrupt model file) without it instead of refusing it:
+    the local store's lists were ranked at training time, and `ranker_error` says why Redis
+    candidates are not re-ranked. Serving workers load that way, so a deploy never leaves a
+    registry primary unservable; the promotion gates still refuse such a bundle.
     """
     bundle = Path(bundle_dir)
     store_path = bundle / STORE_FILE
     if not store_path.is_file():
         raise SnapshotError(f"{store_path} does not exist")
-    store = LocalStore(store_path)
+    store = LocalStore(store_path, breaker=store_breaker)
     try:
         popular = tuple(store.popular(popular_size))
         channels = _read_channels(store_path)
         catalogue = _read_catalogue(bundle)
         weights = _read_channel_weights(bundle)
-        ranker = Ranker.load(bundle) if load_ranker and has_ranker(bundle) else None
-    except Exception as exc:  # RankerLoadError included
+    except Exception as exc:
         store.close()
         raise SnapshotError(f"cannot load bundle {version} from {bundle}: {exc}") from exc
+    ranker: Ranker | None = None
+    ranker_error: str | None = None
+    if load_ranker and has_ranker(bundle):
+        try:
+            ranker = Ranker.load(bundle)
+        except Exception as exc:  # RankerLoadError included
+            if require_ranker:
+                store.close()
+                raise SnapshotError(f"cannot load bundle {version} from {bundle}: {exc}") from exc
+            ranker_error = f"{type(exc).__name__}: {exc}"[:500]
     return ServingSnapshot(
         model_version=version,
         bundle_dir=bundle,
@@ -224,4 +246,5 @@ def load_snapshot(
         channels=channels,
         ranker=ranker,
         channel_weights=weights,
+        ranker_error=ranker_error,
     )
