@@ -200,9 +200,9 @@ def test_redis_restarted_empty_is_back_in_use_one_poll_after_sync_redis(
                 ("after_republish", ev["sync_redis_done"], 20.0),
             ],
         ),
-        # An empty Redis answers "no list" for a user the bundle knows: until a poll sees the
-        # version key missing, such answers come from the local store labelled NOT degraded
-        # (reported, not asserted: a finding for the serving engine).
+        # An empty Redis answers "no list" for a user the bundle knows: such answers come
+        # from the local store and must be labelled degraded (`redis_missing`, or the
+        # version-key check's `redis_connection` once a poll saw the key missing).
         "empty_redis_local_store_answers_not_labelled_degraded": sum(
             1 for s in gap if s[STATUS] == 200 and s[SOURCE] == "local_store" and not s[DEGRADED]
         ),
@@ -217,6 +217,8 @@ def test_redis_restarted_empty_is_back_in_use_one_poll_after_sync_redis(
     # and the empty Redis was really empty: answers came from the local store until the
     # republish (the last of them may already read keys it has written: they are versioned)
     assert report["phases"]["empty_redis_until_republished"]["sources"].get("local_store", 0) > 0
+    # and none of those local-store answers passed for a normal one
+    assert report["empty_redis_local_store_answers_not_labelled_degraded"] == 0
     # and after the republish every worker was back on Redis within one poll (+1 s)
     assert recovered is not None
     assert recovered <= POLL_S + 1.0

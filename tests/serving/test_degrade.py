@@ -407,3 +407,15 @@ def test_end_to_end_a_stopped_redis_and_a_locked_store_answer_from_popular_quick
     assert ("local_store", "local_store_unavailable") in steps.seen
     # a 50 ms Redis timeout plus a 30 ms busy timeout: nowhere near 5 s + 5 s
     assert elapsed < LOCKED_BOUND_S
+
+
+def test_an_empty_redis_answer_the_local_store_can_give_is_degraded_as_missing_data():
+    # Redis came back empty (restarted without data): it answers "nothing" for a user the
+    # bundle knows, and the bundle's local store does have the list.
+    steps = Steps()
+    outcome = recommend_with_fallback(lambda: [], lambda: ["l1"], lambda: ["p1"], count=steps)
+    assert tuple(outcome) == (["l1"], Source.LOCAL_STORE, Reason.REDIS_MISSING)
+    assert outcome.degraded is True
+    assert steps.seen == [("redis", "empty"), ("local_store", "ok")]
+    # without Redis configured the same local answer is the normal one
+    assert recommend_with_fallback(None, lambda: ["l1"], lambda: ["p1"]).degraded is False

@@ -129,6 +129,10 @@ def recommend_with_fallback(
             continue
         if items:
             counter(source, OK)
+            if source is Source.LOCAL_STORE and primary is not None and reason is Reason.EMPTY:
+                # Redis and the local store hold the same bundle's lists: an empty Redis
+                # answer for a key the store knows means Redis lost data (not a cold start).
+                reason = Reason.REDIS_MISSING
             return Outcome(items, source, reason)
         counter(source, EMPTY)
         if reason is None:

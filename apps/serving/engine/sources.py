@@ -27,6 +27,9 @@ class Reason(StrEnum):
     # Redis answered, but with something we could not use (a corrupt value, an unexpected
     # reply): not in the brief's list, but folding it into "timeout" would mislead on-call.
     REDIS_ERROR = "redis_error"
+    # Redis answered "nothing for this key" but the same bundle's local store had an answer:
+    # Redis is missing data it should hold (restarted empty, flushed, half-published).
+    REDIS_MISSING = "redis_missing"
     LOCAL_STORE_UNAVAILABLE = "local_store_unavailable"
     # The request budget ran out before a step could start: the step was skipped.
     BUDGET_EXHAUSTED = "budget_exhausted"
