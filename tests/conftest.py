@@ -56,10 +56,15 @@ def mariadb_url() -> Iterator[str]:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """The shared Redis on a database index tests may flush (15)."""
+    yield from flushed_redis_db(15)
+
+
+def flushed_redis_db(db: int) -> Iterator[str]:
+    """Yield the URL of database `db` of the shared Redis, flushed before and after."""
     _require("Redis", REDIS_HOST, REDIS_PORT)
     import redis
 
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/15"
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     try:

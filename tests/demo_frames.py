@@ -20,6 +20,21 @@ from apps.pipeline.sources.db import make_engine
 CONTRACT = Path(__file__).resolve().parent.parent / "config" / "sources.yaml"
 
 
+def write_demo_sources(root: Path, config: demo.DemoConfig) -> dict[str, str]:
+    """Generate ``config`` into business + Matomo SQLite files under ``root``; their URLs."""
+    urls = {
+        "business": f"sqlite:///{root / 'business.sqlite3'}",
+        "matomo": f"sqlite:///{root / 'matomo.sqlite3'}",
+    }
+    b_engine, m_engine = make_engine(urls["business"]), make_engine(urls["matomo"])
+    try:
+        demo.generate(b_engine, m_engine, config)
+    finally:
+        b_engine.dispose()
+        m_engine.dispose()
+    return urls
+
+
 def demo_clean_frames(root: Path, config: demo.DemoConfig) -> dict[str, pd.DataFrame]:
     """Generate ``config`` into SQLite files under ``root`` and return the clean frames."""
     engines = {

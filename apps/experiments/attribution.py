@@ -82,6 +82,7 @@ from apps.experiments.online import (
     _number,
     _read_feedback,
     add_outcome,
+    feedback_and_log_accounting,
     item_price,
     iter_records,
     log_files,
@@ -365,21 +366,7 @@ class GroupedEvaluation:
                 for basis, by_dimension in self.groups.items()
             },
             "attribution": self.attribution.to_dict(),
-            "feedback": {
-                "events": dict(sorted(self.feedback_events.items())),
-                "matched": self.feedback_matched,
-                "unmatched": self.feedback_unmatched,
-                "not_shown": self.feedback_not_shown,
-            },
-            "logs": {
-                "exposure_files": self.exposure_read.files_read,
-                "exposure_lines": self.exposure_read.lines,
-                "feedback_files": self.feedback_read.files_read,
-                "feedback_lines": self.feedback_read.lines,
-                "bad_lines": self.exposure_read.bad_lines + self.feedback_read.bad_lines,
-                "files_skipped": self.exposure_read.files_skipped
-                + self.feedback_read.files_skipped,
-            },
+            **feedback_and_log_accounting(self),
         }
 
 

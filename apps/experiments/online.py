@@ -382,21 +382,7 @@ class OnlineEvaluation:
             "end": self.end.isoformat(),
             "by_variant": groups(self.by_variant),
             "by_model_version": groups(self.by_model_version),
-            "feedback": {
-                "events": dict(sorted(self.feedback_events.items())),
-                "matched": self.feedback_matched,
-                "unmatched": self.feedback_unmatched,
-                "not_shown": self.feedback_not_shown,
-            },
-            "logs": {
-                "exposure_files": self.exposure_read.files_read,
-                "exposure_lines": self.exposure_read.lines,
-                "feedback_files": self.feedback_read.files_read,
-                "feedback_lines": self.feedback_read.lines,
-                "bad_lines": self.exposure_read.bad_lines + self.feedback_read.bad_lines,
-                "files_skipped": self.exposure_read.files_skipped
-                + self.feedback_read.files_skipped,
-            },
+            **feedback_and_log_accounting(self),
         }
 
 
@@ -670,3 +656,26 @@ def serving_health(
         files_read=len(stats.files_read),
         covered_from=covered_from,
     )
+
+
+def feedback_and_log_accounting(result: Any) -> dict[str, Any]:
+    """The `feedback` and `logs` sections every online result reports: how the feedback join
+    went and what was read. `result` has `feedback_events`/`_matched`/`_unmatched`/
+    `_not_shown` and the two `LogRead`s `exposure_read` and `feedback_read`."""
+    exposure, feedback = result.exposure_read, result.feedback_read
+    return {
+        "feedback": {
+            "events": dict(sorted(result.feedback_events.items())),
+            "matched": result.feedback_matched,
+            "unmatched": result.feedback_unmatched,
+            "not_shown": result.feedback_not_shown,
+        },
+        "logs": {
+            "exposure_files": exposure.files_read,
+            "exposure_lines": exposure.lines,
+            "feedback_files": feedback.files_read,
+            "feedback_lines": feedback.lines,
+            "bad_lines": exposure.bad_lines + feedback.bad_lines,
+            "files_skipped": exposure.files_skipped + feedback.files_skipped,
+        },
+    }

@@ -32,8 +32,8 @@ from apps.pipeline.models import (
     StageRun,
     Watermark,
 )
-from apps.pipeline.sources.db import make_engine
-from tests.conftest import REDIS_HOST, REDIS_PORT, _require
+from tests.conftest import flushed_redis_db
+from tests.demo_frames import write_demo_sources
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis, pytest.mark.slow]
 
@@ -145,32 +145,15 @@ class Worker:
 @pytest.fixture
 def broker_url() -> Iterator[str]:
     """A Redis database (13) for the broker, empty before and after the test."""
-    _require("Redis", REDIS_HOST, REDIS_PORT)
-    import redis
-
-    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()
+    yield from flushed_redis_db(BROKER_DB)
 
 
 @pytest.fixture
 def sources(tmp_path) -> dict[str, str]:
     """Small demo business + Matomo SQLite databases (same data for every test: fixed seed)."""
-    business = f"sqlite:///{tmp_path / 'business.sqlite3'}"
-    matomo = f"sqlite:///{tmp_path / 'matomo.sqlite3'}"
-    config = demo.DemoConfig(users=150, items=60, actions=6000, days=20, seed=7, end=END)
-    b_engine, m_engine = make_engine(business), make_engine(matomo)
-    try:
-        demo.generate(b_engine, m_engine, config)
-    finally:
-        b_engine.dispose()
-        m_engine.dispose()
-    return {"business": business, "matomo": matomo}
+    return write_demo_sources(
+        tmp_path, demo.DemoConfig(users=150, items=60, actions=6000, days=20, seed=7, end=END)
+    )
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from apps.pipeline.models import (
     Watermark,
 )
 from apps.pipeline.sources.db import make_engine
+from tests.demo_frames import write_demo_sources
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,15 +35,10 @@ END = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
 @pytest.fixture
 def demo_sources(tmp_path, settings, data_dir):
     """Small demo business + Matomo SQLite databases wired into the settings."""
-    business = f"sqlite:///{tmp_path / 'business.sqlite3'}"
-    matomo = f"sqlite:///{tmp_path / 'matomo.sqlite3'}"
-    config = demo.DemoConfig(users=150, items=60, actions=6000, days=20, seed=7, end=END)
-    b_engine, m_engine = make_engine(business), make_engine(matomo)
-    try:
-        demo.generate(b_engine, m_engine, config)
-    finally:
-        b_engine.dispose()
-        m_engine.dispose()
+    urls = write_demo_sources(
+        tmp_path, demo.DemoConfig(users=150, items=60, actions=6000, days=20, seed=7, end=END)
+    )
+    business, matomo = urls["business"], urls["matomo"]
     settings.BUSINESS_DB_URL = business
     settings.MATOMO_DB_URL = matomo
     return {"business": business, "matomo": matomo}

@@ -14,8 +14,8 @@ from apps.models.bundle import verify_bundle
 from apps.models.models import EvaluationReport, ModelAudit, ModelVersion
 from apps.pipeline import demo, services
 from apps.pipeline.models import RunStatus
-from apps.pipeline.sources.db import make_engine
 from apps.pipeline.train.loader import load_scorer
+from tests.demo_frames import write_demo_sources
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -25,15 +25,10 @@ END = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
 @pytest.fixture
 def trained(tmp_path, settings, data_dir, redis_url):
     """One full pipeline run (ingest + train) on a small demo marketplace."""
-    business = f"sqlite:///{tmp_path / 'business.sqlite3'}"
-    matomo = f"sqlite:///{tmp_path / 'matomo.sqlite3'}"
-    config = demo.DemoConfig(users=300, items=80, actions=25_000, days=40, seed=11, end=END)
-    b_engine, m_engine = make_engine(business), make_engine(matomo)
-    try:
-        demo.generate(b_engine, m_engine, config)
-    finally:
-        b_engine.dispose()
-        m_engine.dispose()
+    urls = write_demo_sources(
+        tmp_path, demo.DemoConfig(users=300, items=80, actions=25_000, days=40, seed=11, end=END)
+    )
+    business, matomo = urls["business"], urls["matomo"]
     settings.BUSINESS_DB_URL = business
     settings.MATOMO_DB_URL = matomo
     settings.REDIS_URL = redis_url
