@@ -793,7 +793,7 @@ class FeatureBuilder:
 
     def transform_pairs(
         self,
-        pairs: pd.DataFrame,
+        pairs: pd.DataFrame | Mapping[str, Any],
         now: pd.Timestamp | str | None = None,
         *,
         scene: str | None = None,
@@ -804,15 +804,21 @@ class FeatureBuilder:
         ``recall_rank_<channel>`` columns, a ``scene`` column and a ``ts`` column (request time
         per pair, used by the context features only). ``now`` (default: the cutoff) must not
         precede the cutoff: tables learned at the cutoff cannot describe an earlier moment.
+
+        ``pairs`` is a DataFrame or a mapping of column name -> equal-length array: the serving
+        path passes numpy arrays and skips building a DataFrame (most of the cost for one
+        request's 200 candidates); both give the same matrix.
         """
         self._check_fitted()
         now_ts = self.cutoff_ if now is None else _utc(now)
         if now_ts < self.cutoff_:
             raise ValueError(f"now ({now_ts}) is before the cutoff ({self.cutoff_})")
+        if isinstance(pairs, pd.DataFrame):
+            pairs = {name: pairs[name] for name in pairs.columns}
         for column in ("user_id", "item_id"):
-            if column not in pairs.columns:
+            if column not in pairs:
                 raise ValueError(f"pairs needs a {column!r} column")
-        n = len(pairs)
+        n = len(pairs["user_id"])
         # Start from the defaults: absent recall columns then cost nothing.
         out = np.tile(_DEFAULT_ROW, (n, 1))
         u = _lookup(self.user_ids_, _ids(pairs["user_id"]))
@@ -913,11 +919,11 @@ class FeatureBuilder:
         return cols
 
     def _context(
-        self, pairs: pd.DataFrame, now: pd.Timestamp, scene: str | None
+        self, pairs: Mapping[str, Any], now: pd.Timestamp, scene: str | None
     ) -> dict[str, FloatArray]:
-        n = len(pairs)
-        if "ts" in pairs.columns:
-            ts = _as_utc(pairs["ts"]).fillna(now)
+        n = len(pairs["user_id"])
+        if "ts" in pairs:
+            ts = _as_utc(pd.Series(pairs["ts"])).fillna(now)
             local = pd.DatetimeIndex(ts).tz_convert(self.timezone)
             hour = local.hour.to_numpy(dtype=np.float64)
             dow = local.dayofweek.to_numpy(dtype=np.float64)
@@ -925,8 +931,8 @@ class FeatureBuilder:
             local_now = now.tz_convert(self.timezone)
             hour = np.full(n, float(local_now.hour))
             dow = np.full(n, float(local_now.dayofweek))
-        if "scene" in pairs.columns:
-            codes = pairs["scene"].astype("object").map(SCENE_CODES).fillna(0)
+        if "scene" in pairs:
+            codes = pd.Series(pairs["scene"]).astype("object").map(SCENE_CODES).fillna(0)
             scene_code = codes.to_numpy(dtype=np.float64)
         else:
             scene_code = np.full(n, float(SCENE_CODES.get(scene or "unknown", 0)))
@@ -1293,11 +1299,11 @@ def _utc(value: pd.Timestamp | str) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def _ids(series: pd.Series) -> IntArray:
+def _ids(series: pd.Series | npt.ArrayLike) -> IntArray:
     """Integer ids with nulls as ``_NO_ID`` (never a real id)."""
-    if series.dtype == np.int64:  # the common case, and the one on the request path
-        return series.to_numpy()
-    numeric = pd.to_numeric(series, errors="coerce").astype("Int64")
+    if getattr(series, "dtype", None) == np.int64:  # the common case; the request path's
+        return np.asarray(series)
+    numeric = pd.to_numeric(pd.Series(series), errors="coerce").astype("Int64")
     return numeric.to_numpy(dtype=np.int64, na_value=_NO_ID)
 
 
@@ -1564,18 +1570,18 @@ def _table(
     return pd.DataFrame(data, index=pd.Index(ids, name=index, dtype=np.int64))
 
 
-def _recall_columns(pairs: pd.DataFrame) -> dict[str, FloatArray]:
+def _recall_columns(pairs: Mapping[str, Any]) -> dict[str, FloatArray]:
     """The recall columns present in ``pairs``, sanitised, and the derived ones.
 
     ``recall_norm_<channel>`` divides a channel's score by the largest score that channel gave
     among the same user's rows of ``pairs`` (one user per call online, a block of users in
     training): raw scores grow with the history a model was fitted on, ratios do not.
     """
-    n = len(pairs)
+    n = len(pairs["user_id"])
     cols: dict[str, FloatArray] = {}
     hits = np.zeros(n)
     best = np.full(n, MISSING_RANK)
-    present = set(pairs.columns)
+    present = set(pairs)
     groups: IntArray | None = None
     for channel in RECALL_CHANNELS:
         score_name, rank_name = f"recall_score_{channel}", f"recall_rank_{channel}"
@@ -1594,6 +1600,10 @@ def _recall_columns(pairs: pd.DataFrame) -> dict[str, FloatArray]:
         if score_name in present and n:
             if groups is None:
                 groups = _user_groups(pairs)
+            if not groups.any():  # one user (every request online): one maximum, no scatter
+                top = max(float(score.max()), 0.0)
+                cols[f"recall_norm_{channel}"] = score / top if top > 0 else np.zeros(n)
+                continue
             top = np.zeros(int(groups.max()) + 1)
             np.maximum.at(top, groups, score)
             denominator = top[groups]
@@ -1610,22 +1620,25 @@ def _recall_columns(pairs: pd.DataFrame) -> dict[str, FloatArray]:
     return cols
 
 
-def _user_groups(pairs: pd.DataFrame) -> IntArray:
+def _user_groups(pairs: Mapping[str, Any]) -> IntArray:
     """A dense group code per row, one per distinct user id (0..n_users-1)."""
-    users = pairs["user_id"].to_numpy()
+    users = np.asarray(pairs["user_id"])
     if len(users) and (users == users[0]).all():
         return np.zeros(len(users), dtype=np.intp)
     return pd.factorize(users)[0].astype(np.intp)
 
 
-def _numeric(pairs: pd.DataFrame, name: str, default: float) -> FloatArray:
-    if name not in pairs.columns:
-        return np.full(len(pairs), default)
+def _numeric(pairs: Mapping[str, Any], name: str, default: float) -> FloatArray:
+    if name not in pairs:
+        return np.full(len(pairs["user_id"]), default)
     column = pairs[name]
-    if column.dtype.kind in "fiu":
-        values = column.to_numpy(dtype=np.float64)
+    kind = getattr(getattr(column, "dtype", None), "kind", "O")
+    if kind in "fiu":
+        values = np.asarray(column, dtype=np.float64)
     else:
-        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        values = pd.to_numeric(pd.Series(column), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
     return np.where(np.isnan(values), default, values)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -119,11 +121,13 @@ def observe_breaker(dependency: str, state: str) -> None:
     BREAKER_STATE.labels(dependency=dependency).set(_BREAKER_VALUES.get(state, 2.0))
 
 
-def observe_candidates(lists: dict[str, list[tuple[int, float]]]) -> None:
-    """Count the candidates each channel contributed to one request."""
+def observe_candidates(lists: Mapping[str, Any]) -> None:
+    """Count the candidates each channel contributed to one request (`(item, score)` pairs
+    or an `(ids, scores)` pair of arrays per channel)."""
     for channel, items in lists.items():
-        if items:
-            CANDIDATES.labels(channel=channel).inc(len(items))
+        n = len(items[0]) if isinstance(items, tuple) else len(items)
+        if n:
+            CANDIDATES.labels(channel=channel).inc(n)
 
 
 def set_model_version(version: str | None) -> None:

@@ -73,6 +73,12 @@ class FakeRedis:
     def get_user_lists(self, user_id: int, channels) -> dict[str, list[tuple[int, float]]]:  # type: ignore[no-untyped-def]
         return self.lists.get(user_id, {})
 
+    def get_user_arrays(self, user_id: int, channels):  # type: ignore[no-untyped-def]
+        return {
+            c: (np.array([i for i, _ in v], np.int64), np.array([s for _, s in v], np.float32))
+            for c, v in self.lists.get(user_id, {}).items()
+        }
+
 
 def _some_user(user_lists) -> tuple[int, dict[str, list[tuple[int, float]]]]:  # type: ignore[no-untyped-def]
     user = max(user_lists, key=lambda u: sum(len(v) for v in user_lists[u].values()))
@@ -268,3 +274,55 @@ def test_a_bundle_whose_ranker_cannot_load_is_refused(bundle: Path, tmp_path: Pa
         assert snap.ranker is None
     finally:
         snap.close()
+
+
+def test_the_bundle_publishes_the_recall_lists_its_ranker_scores(bundle: Path, user_lists):
+    """Redis gets each channel's recall list (what training fused and ranked), not the final
+    ranked list split by channel: the online ranker then sees training's candidates."""
+    from apps.serving.engine.publish import read_bundle_lists
+
+    users, _, _ = read_bundle_lists(bundle / "store.sqlite3")
+    # The store holds users with history (others get the cold-start answer).
+    known = [u for u in user_lists if u in users][:20]
+    assert len(known) >= 10
+    for user in known:
+        lists = user_lists[user]
+        assert set(users[user]) == {c for c, v in lists.items() if v}
+        for channel, pairs in lists.items():
+            if pairs:
+                assert [i for i, _ in users[user][channel]] == [i for i, _ in pairs]
+                np.testing.assert_allclose(
+                    [s for _, s in users[user][channel]], [s for _, s in pairs], rtol=1e-6
+                )
+    snap = load_snapshot(bundle, "v1")
+    try:
+        assert snap.recall_lists
+        assert snap.channels == tuple(sorted(CHANNELS))
+    finally:
+        snap.close()
+
+
+def test_serving_builds_training_s_feature_rows_for_the_same_user(bundle: Path, ranker: Ranker):
+    """Train/serve parity: published lists -> fuse_arrays -> Ranker.features equals the
+    training path's candidate_pairs -> transform_pairs(DataFrame), row for row."""
+    from apps.pipeline.train.trainer import candidate_pairs
+    from apps.serving.engine.publish import read_bundle_lists
+    from apps.serving.engine.rank import MAX_CANDIDATES, fuse_arrays
+
+    published, _, _ = read_bundle_lists(bundle / "store.sqlite3")
+    channels = {name: RECALLERS[name].load(bundle / "recall" / name) for name in CHANNELS}
+    config = TrainConfig(channels=CHANNELS, n_estimators=60, seed=11)
+    checked = 0
+    for user in [u for u in ranker.builder.user_ids_.tolist() if u in published][:15]:
+        pairs = candidate_pairs(channels, np.array([user]), config)
+        arrays = {
+            c: (np.array([i for i, _ in v], np.int64), np.array([s for _, s in v], np.float32))
+            for c, v in published[user].items()
+        }
+        candidates = fuse_arrays(arrays, config.channel_weights, MAX_CANDIDATES)
+        assert candidates.ids.tolist() == pairs["item_id"].tolist()
+        served = ranker.features(user, candidates, NOW)
+        trained, _ = ranker.builder.transform_pairs(pairs.drop(columns=["channel"]), NOW)
+        np.testing.assert_allclose(served, ranker._model_matrix(trained), rtol=1e-6, atol=1e-6)
+        checked += 1
+    assert checked >= 10

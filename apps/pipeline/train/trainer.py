@@ -153,19 +153,30 @@ def fit_channels(
     return fitted, skipped
 
 
+def recall_lists(
+    channels: Mapping[str, Recaller], users: np.ndarray, config: TrainConfig
+) -> dict[str, dict[int, Candidates]]:
+    """Each channel's top ``config.per_channel`` candidates per user (``channel -> user ->
+    (ids, scores)``): what ``candidate_pairs`` fuses, and what serving reads from Redis."""
+    return {name: ch.recommend(users, config.per_channel) for name, ch in channels.items()}
+
+
 def candidate_pairs(
     channels: Mapping[str, Recaller],
     users: np.ndarray,
     config: TrainConfig,
+    lists: Mapping[str, Mapping[int, Candidates]] | None = None,
 ) -> pd.DataFrame:
     """Fused candidates per user with each channel's score and rank as columns.
 
     Returns ``user_id, item_id, fused_score, fused_rank, channel`` plus
     ``recall_score_<c>``/``recall_rank_<c>`` for every channel (absent: 0 / MISSING_RANK).
+    ``lists`` are the channels' recall lists when the caller already has them.
     """
     from apps.pipeline.train.recall import fuse
 
-    lists = {name: ch.recommend(users, config.per_channel) for name, ch in channels.items()}
+    if lists is None:
+        lists = recall_lists(channels, users, config)
     empty: Candidates = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
     fused_parts: list[pd.DataFrame] = []
     long_parts: list[pd.DataFrame] = []
@@ -462,6 +473,20 @@ def train_bundle(
     )
 
 
+def pack_candidates(ids: np.ndarray, scores: np.ndarray) -> bytes:
+    """One recall list as stored in `user_candidates`: int64 ids, then float32 scores (LE)."""
+    return np.asarray(ids, dtype="<i8").tobytes() + np.asarray(scores, dtype="<f4").tobytes()
+
+
+def unpack_candidates(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `pack_candidates`; ValueError when `blob` is not one."""
+    if len(blob) % 12:
+        raise ValueError(f"not a packed candidate list ({len(blob)} bytes)")
+    n = len(blob) // 12
+    ids = np.frombuffer(blob, dtype="<i8", count=n)
+    return ids, np.frombuffer(blob, dtype="<f4", count=n, offset=8 * n)
+
+
 def _write_local_store(
     path: Path,
     channels: Mapping[str, Recaller],
@@ -471,19 +496,29 @@ def _write_local_store(
     config: TrainConfig,
     data: TrainingSet,
 ) -> None:
-    """The bundle's read-only fallback store: ranked lists per user, similar items, popular.
+    """The bundle's read-only fallback store: ranked lists per user, similar items, popular,
+    and each user's per-channel recall lists.
 
-    Serving reads it when Redis is down (and uses it as the online store when no Redis is
-    configured), so it holds final, ranked answers: no model runs on that path.
+    Serving reads the ranked lists when Redis is down (and uses them as the online store when
+    no Redis is configured), so they hold final answers: no model runs on that path. The
+    recall lists (`user_candidates`, one packed row per user and channel: int64 ids then
+    float32 scores, little-endian) are what `publish` puts in Redis for the online ranker:
+    the same candidates, in the same order, that the ranker was trained and scored on here.
     """
     import sqlite3
 
     users = np.unique(data.interactions["user_id"].to_numpy(dtype=np.int64))
     user_rows: list[tuple[int, str]] = []
+    candidate_rows: list[tuple[int, str, bytes]] = []
     step = 1000
     for start in range(0, users.size, step):
         block = users[start : start + step]
-        pairs = candidate_pairs(channels, block, config)
+        lists = recall_lists(channels, block, config)
+        for name, per_user in lists.items():
+            for user, (ids, scores) in per_user.items():
+                if len(ids):
+                    candidate_rows.append((int(user), name, pack_candidates(ids, scores)))
+        pairs = candidate_pairs(channels, block, config, lists)
         if pairs.empty:
             continue
         X, _ = builder.transform_pairs(pairs)
@@ -544,7 +579,10 @@ def _write_local_store(
             "CREATE TABLE similar_items (item_id INTEGER, channel_items TEXT NOT NULL);"
             "CREATE INDEX similar_items_item ON similar_items (item_id);"
             "CREATE TABLE popular (rank INTEGER PRIMARY KEY, item_id INTEGER NOT NULL, score REAL NOT NULL);"
+            "CREATE TABLE user_candidates (user_id INTEGER NOT NULL, channel TEXT NOT NULL,"
+            " items BLOB NOT NULL, PRIMARY KEY (user_id, channel)) WITHOUT ROWID;"
         )
+        conn.executemany("INSERT INTO user_candidates VALUES (?, ?, ?)", candidate_rows)
         conn.executemany("INSERT INTO user_recs VALUES (?, ?)", user_rows)
         conn.executemany("INSERT INTO similar_items VALUES (?, ?)", similar_rows)
         conn.executemany("INSERT INTO popular VALUES (?, ?, ?)", popular_rows)

@@ -2,7 +2,8 @@
 
 Tables: user_recs(user_id, items JSON [[item_id, score, channel], ...]) with final ranked
 lists; similar_items(item_id, channel_items JSON {"channel": ..., "items": [[id, score], ...]}),
-one row per channel; popular(rank, item_id, score).
+one row per channel; popular(rank, item_id, score); user_candidates(user_id, channel, items
+BLOB) with each channel's recall list (read by `publish` for Redis, not on the request path).
 
 Opened read-only (`mode=ro`) with a 30 ms busy timeout instead of sqlite3's 5 s default: a file
 locked by a writer must fail the request over to the popular list, not stall it.

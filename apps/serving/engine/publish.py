@@ -1,8 +1,9 @@
 """Publish a bundle's candidate lists to Redis from its store.sqlite3. Pure core (offline side).
 
-Per-user ranked lists are split by channel into one hash field each (the Redis layout of
-`redis_store`); the serving reader merges the fields by descending score, which restores the
-ranked order. Similar-item lists keep their channels; the popular list keeps its rank order.
+Per-user lists go into one hash field per channel (the Redis layout of `redis_store`): the
+bundle's per-channel recall lists (`user_candidates`), which the online ranker fuses and
+scores exactly as training did; for older bundles without them, the ranked lists split by
+channel (the reader then merges the fields by descending score, restoring the ranked order). Similar-item lists keep their channels; the popular list keeps its rank order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from urllib.parse import quote
 
 import redis
 
+from apps.pipeline.train.trainer import unpack_candidates
 from apps.serving.engine.redis_store import publish_bundle_lists
 from apps.serving.engine.snapshot import STORE_FILE
 
@@ -28,10 +30,23 @@ def read_bundle_lists(
     conn = sqlite3.connect(uri, uri=True)
     try:
         users: dict[int, dict[str, Pairs]] = {}
-        for user_id, raw in conn.execute("SELECT user_id, items FROM user_recs"):
-            lists = users.setdefault(int(user_id), {})
-            for item_id, score, channel in json.loads(raw):
-                lists.setdefault(str(channel), []).append((int(item_id), float(score)))
+        recall = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'user_candidates'"
+        ).fetchone()
+        if recall:
+            # The per-channel recall lists the online ranker fuses and scores.
+            for user_id, channel, blob in conn.execute(
+                "SELECT user_id, channel, items FROM user_candidates"
+            ):
+                ids, scores = unpack_candidates(blob)
+                users.setdefault(int(user_id), {})[str(channel)] = list(
+                    zip(ids.tolist(), scores.tolist(), strict=True)
+                )
+        else:  # older bundles: the ranked lists, split by channel
+            for user_id, raw in conn.execute("SELECT user_id, items FROM user_recs"):
+                lists = users.setdefault(int(user_id), {})
+                for item_id, score, channel in json.loads(raw):
+                    lists.setdefault(str(channel), []).append((int(item_id), float(score)))
         similar: dict[int, dict[str, Pairs]] = {}
         for item_id, raw in conn.execute("SELECT item_id, channel_items FROM similar_items"):
             doc = json.loads(raw)

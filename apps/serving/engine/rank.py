@@ -80,36 +80,183 @@ def has_ranker(bundle_dir: str | Path) -> bool:
     ).is_file()
 
 
+# Per-channel candidates as arrays: (item ids in channel order, scores).
+ChannelArrays = tuple[npt.NDArray[np.int64], npt.NDArray[np.floating]]
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Fused candidates as arrays, in fused (recall) order: what the ranker's features need.
+
+    `scores[k]` / `ranks[k]` hold each candidate's score and 1-based rank in the feature
+    channel of slot `k` (`features.RECALL_CHANNELS` order; 0 / `MISSING_RANK` where that
+    channel did not recall it) and `hit[k]` whether the channel recalled any candidate.
+    """
+
+    ids: npt.NDArray[np.int64]
+    fused: npt.NDArray[np.float32]
+    channels: list[str]
+    scores: npt.NDArray[np.float64]
+    ranks: npt.NDArray[np.float64]
+    hit: npt.NDArray[np.bool_]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def recall_order(self) -> list[Ranked]:
+        return list(zip(self.ids.tolist(), self.fused.tolist(), self.channels, strict=True))
+
+    @classmethod
+    def empty(cls) -> CandidateSet:
+        c = len(ft.RECALL_CHANNELS)
+        return cls(
+            np.empty(0, np.int64),
+            np.empty(0, np.float32),
+            [],
+            np.zeros((c, 0)),
+            np.full((c, 0), ft.MISSING_RANK),
+            np.zeros(c, dtype=bool),
+        )
+
+    @classmethod
+    def from_candidates(cls, candidates: Sequence[Candidate]) -> CandidateSet:
+        """The array form of `(item_id, fused score, channel, hits)` tuples."""
+        n = len(candidates)
+        c = len(ft.RECALL_CHANNELS)
+        scores = np.zeros((c, n))
+        ranks = np.full((c, n), ft.MISSING_RANK)
+        hit = np.zeros(c, dtype=bool)
+        for row, candidate in enumerate(candidates):
+            for channel, (score, rank) in candidate[3].items():
+                k = _SLOT.get(channel, -1)
+                if k >= 0:
+                    scores[k, row] = score
+                    ranks[k, row] = rank
+                    hit[k] = True
+        return cls(
+            np.fromiter((int(x[0]) for x in candidates), dtype=np.int64, count=n),
+            np.fromiter((float(x[1]) for x in candidates), dtype=np.float32, count=n),
+            [str(x[2]) for x in candidates],
+            scores,
+            ranks,
+            hit,
+        )
+
+
+_SLOT = {c: k for k, c in enumerate(ft.RECALL_CHANNELS)}
+
+
+def fuse_arrays(
+    per: Mapping[str, ChannelArrays],
+    weights: Mapping[str, float] | None = None,
+    k: int = MAX_CANDIDATES,
+    *,
+    rrf_k: float = 60.0,
+    default_weight: float = 1.0,
+) -> CandidateSet:
+    """Fuse per-channel `(ids, scores)` arrays (each in channel order) into up to `k`
+    candidates, keeping each candidate's score and rank in every feature channel that
+    recalled it (a repeated item: its first mention; zero-weight channels included, as in
+    training's `candidate_pairs`).
+
+    The fusion is `recall.fuse`'s weighted RRF (a channel missing from `weights` gets
+    `default_weight`, 0 switches it off; ties: item id; shown channel: the largest
+    contribution, ties alphabetical), computed in one pass over all channels' rows instead of
+    a pass per channel: the same ids, scores and channels (tests compare the two), at a
+    fraction of the cost on the request path.
+    """
+    weights = weights or {}
+    names = sorted(c for c, v in per.items() if len(v[0]))
+    if not names:
+        return CandidateSet.empty()
+    w = np.empty(len(names))
+    for idx, name in enumerate(names):
+        w[idx] = float(weights.get(name, default_weight))
+        if w[idx] < 0 or not np.isfinite(w[idx]):
+            raise ValueError(f"weight of channel {name!r} must be finite and >= 0, got {w[idx]}")
+    sizes = [len(per[name][0]) for name in names]
+    ids = np.concatenate([np.asarray(per[name][0], dtype=np.int64) for name in names])
+    scores = np.concatenate([np.asarray(per[name][1], dtype=np.float32) for name in names])
+    chan = np.repeat(np.arange(len(names)), sizes)
+    pos = np.concatenate([np.arange(n) for n in sizes])
+    # First mention of each (channel, item): the rows fusion and the features use.
+    order = np.lexsort((pos, ids, chan))
+    first = np.r_[True, (chan[order][1:] != chan[order][:-1]) | (ids[order][1:] != ids[order][:-1])]
+    keep = np.sort(order[first])
+    if len(keep) < len(ids):
+        ids, scores, chan, pos = ids[keep], scores[keep], chan[keep], pos[keep]
+    unique, group = np.unique(ids, return_inverse=True)
+    weight = w[chan]
+    fused_rows = weight > 0
+    if not fused_rows.any():
+        return CandidateSet.empty()
+    contrib = np.where(fused_rows, weight / (rrf_k + pos + 1.0), 0.0)
+    # Same summation order as `fuse` (channels alphabetical, each in its own order); the
+    # zero terms of switched-off channels change no sum.
+    total = np.bincount(group, weights=contrib, minlength=len(unique))
+    eligible = np.bincount(group, weights=fused_rows, minlength=len(unique)) > 0
+    ranking = np.lexsort((unique, -total))
+    top = ranking[eligible[ranking]][:k]
+    f_group, f_contrib, f_chan = group[fused_rows], contrib[fused_rows], chan[fused_rows]
+    best_order = np.lexsort((f_chan, -f_contrib, f_group))
+    leads = np.r_[True, f_group[best_order][1:] != f_group[best_order][:-1]]
+    best = np.empty(len(unique), dtype=np.int64)
+    best[f_group[best_order][leads]] = f_chan[best_order][leads]
+    n = len(top)
+    at = np.full(len(unique), -1, dtype=np.int64)
+    at[top] = np.arange(n)
+    row_at = at[group]
+    slot_of = np.array([_SLOT.get(name, -1) for name in names], dtype=np.int64)
+    row_slot = slot_of[chan]
+    use = (row_at >= 0) & (row_slot >= 0)
+    c = len(ft.RECALL_CHANNELS)
+    channel_scores = np.zeros((c, n))
+    channel_ranks = np.full((c, n), ft.MISSING_RANK)
+    hit = np.zeros(c, dtype=bool)
+    channel_scores[row_slot[use], row_at[use]] = scores[use]
+    channel_ranks[row_slot[use], row_at[use]] = pos[use] + 1.0
+    hit[row_slot[use]] = True
+    shown = [names[i] for i in best[top].tolist()]
+    return CandidateSet(
+        unique[top], total[top].astype(np.float32), shown, channel_scores, channel_ranks, hit
+    )
+
+
 def fuse_lists(
     lists: Mapping[str, Sequence[tuple[int, float]]],
     weights: Mapping[str, float] | None = None,
     k: int = MAX_CANDIDATES,
 ) -> list[Candidate]:
-    """Fuse per-channel `(item_id, score)` lists (each in channel order) into up to `k`
-    candidates with `recall.fuse` (weighted RRF; a channel missing from `weights` gets 1.0),
-    keeping each item's score and rank in every channel that recalled it."""
-    from apps.pipeline.train.recall import fuse
-
-    per: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]] = {}
-    hits_by_channel: dict[str, dict[int, tuple[float, float]]] = {}
+    """`fuse_arrays` over `(item_id, score)` lists, as `(item_id, fused score, channel,
+    hits)` tuples with `hits` the candidate's `(score, rank)` per channel that recalled it."""
+    per: dict[str, ChannelArrays] = {}
     for channel, pairs in lists.items():
-        if not pairs:
-            continue
-        ids = np.fromiter((int(i) for i, _ in pairs), dtype=np.int64, count=len(pairs))
-        scores = np.fromiter((float(s) for _, s in pairs), dtype=np.float32, count=len(pairs))
-        per[channel] = (ids, scores)
-        hits: dict[int, tuple[float, float]] = {}
-        for rank, (item, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True), 1):
-            hits.setdefault(item, (score, float(rank)))  # a repeated item: its best mention
-        hits_by_channel[channel] = hits
+        if pairs:
+            ids = np.fromiter((int(i) for i, _ in pairs), dtype=np.int64, count=len(pairs))
+            scores = np.fromiter((float(s) for _, s in pairs), dtype=np.float32, count=len(pairs))
+            per[channel] = (ids, scores)
     if not per:
         return []
-    ids, scores, chans = fuse(per, weights or {}, k)
-    out: list[Candidate] = []
-    for item, score, channel in zip(ids.tolist(), scores.tolist(), chans.tolist(), strict=True):
-        item_hits = {c: h[item] for c, h in hits_by_channel.items() if item in h}
-        out.append((int(item), float(score), str(channel), item_hits))
-    return out
+    from apps.pipeline.train.recall import fuse
+
+    ids, fused, chans = fuse(per, weights or {}, k)
+    first_mention: dict[str, dict[int, tuple[float, float]]] = {}
+    for channel, (channel_ids, channel_scores) in per.items():
+        hits: dict[int, tuple[float, float]] = {}
+        for rank, (item, score) in enumerate(
+            zip(channel_ids.tolist(), channel_scores.tolist(), strict=True), 1
+        ):
+            hits.setdefault(item, (score, float(rank)))
+        first_mention[channel] = hits
+    return [
+        (
+            int(item),
+            float(score),
+            str(channel),
+            {c: h[item] for c, h in first_mention.items() if item in h},
+        )
+        for item, score, channel in zip(ids.tolist(), fused.tolist(), chans.tolist(), strict=True)
+    ]
 
 
 class Ranker:
@@ -142,9 +289,7 @@ class Ranker:
         )
         self._score_cols = {c: f"recall_score_{c}" for c in ft.RECALL_CHANNELS}
         self._rank_cols = {c: f"recall_rank_{c}" for c in ft.RECALL_CHANNELS}
-        self._slot = {c: k for k, c in enumerate(ft.RECALL_CHANNELS)}
-        # Serving channel name -> slot (-1: not a feature channel), filled on first sight.
-        self._slot_of: dict[str, int] = {}
+        self._slot = _SLOT
 
     @property
     def scorer_name(self) -> str:
@@ -220,47 +365,35 @@ class Ranker:
     def features(
         self,
         user_id: int,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[Candidate] | CandidateSet,
         now: pd.Timestamp | None = None,
     ) -> npt.NDArray[np.float32]:
         """The model's float32 feature matrix of the candidates, one row each."""
-        return self._features(user_id, candidates, now)[0]
+        return self._features(user_id, _as_set(candidates), now)[0]
 
     def _features(
         self,
         user_id: int,
-        candidates: Sequence[Candidate],
+        candidates: CandidateSet,
         now: pd.Timestamp | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_] | None]:
         """The model matrix and, per row, whether the user already bought the item."""
         n = len(candidates)
-        scores = np.zeros((len(ft.RECALL_CHANNELS), n))
-        ranks = np.full((len(ft.RECALL_CHANNELS), n), ft.MISSING_RANK)
-        hit = np.zeros(len(ft.RECALL_CHANNELS), dtype=bool)
-        slot_of = self._slot_of
-        for row, candidate in enumerate(candidates):
-            for channel, (score, rank) in candidate[3].items():
-                k = slot_of.get(channel)
-                if k is None:
-                    k = slot_of[channel] = self._slot.get(channel, -1)
-                if k >= 0:
-                    scores[k, row] = score
-                    ranks[k, row] = rank
-                    hit[k] = True
         columns: dict[str, object] = {
             "user_id": np.full(n, int(user_id), dtype=np.int64),
-            "item_id": np.fromiter((int(c[0]) for c in candidates), dtype=np.int64, count=n),
+            "item_id": candidates.ids,
         }
         # Only channels that recalled something: an absent column gets the catalogue default
         # (score 0, rank MISSING_RANK), exactly what training filled in, at half the cost.
         for channel, k in self._slot.items():
-            if hit[k]:
-                columns[self._score_cols[channel]] = scores[k]
-                columns[self._rank_cols[channel]] = ranks[k]
+            if candidates.hit[k]:
+                columns[self._score_cols[channel]] = candidates.scores[k]
+                columns[self._rank_cols[channel]] = candidates.ranks[k]
         # Candidates arrive in fused (recall) order, as the training pairs' `fused_rank`.
         columns["fused_rank"] = np.arange(1, n + 1, dtype=np.float64)
         when = self.cutoff if now is None else max(pd.Timestamp(now), self.cutoff)
-        X, _ = self.builder.transform_pairs(pd.DataFrame(columns), when)
+        # A mapping of arrays, not a DataFrame: the same matrix without pandas' overhead.
+        X, _ = self.builder.transform_pairs(columns, when)
         purchased = X[:, _PURCHASES] > 0 if _PURCHASES is not None else None
         return self._model_matrix(X), purchased
 
@@ -273,7 +406,7 @@ class Ranker:
     def rank(
         self,
         user_id: int,
-        candidates: Sequence[Candidate],
+        candidates: Sequence[Candidate] | CandidateSet,
         now: pd.Timestamp | None = None,
         *,
         budget_s: float | None = None,
@@ -284,8 +417,9 @@ class Ranker:
         any error, or when scoring took longer than `budget_s` (default: the ranker's), the
         candidates come back in the given (recall) order with `failed=True`.
         """
-        recall: list[Ranked] = [(int(c[0]), float(c[1]), str(c[2])) for c in candidates]
-        if not candidates:
+        candidates = _as_set(candidates)
+        recall = candidates.recall_order()
+        if not len(candidates):
             return RankResult(recall)
         budget = self.budget_s if budget_s is None else budget_s
         try:
@@ -314,3 +448,9 @@ class Ranker:
         score_list = scores.tolist()
         items = [(recall[k][0], score_list[k], recall[k][2]) for k in order.tolist()]
         return RankResult(items, timings=timings)
+
+
+def _as_set(candidates: Sequence[Candidate] | CandidateSet) -> CandidateSet:
+    if isinstance(candidates, CandidateSet):
+        return candidates
+    return CandidateSet.from_candidates(candidates)

@@ -9,16 +9,18 @@ already removed at training time (`trainer._write_local_store` ranks recall cand
 exclude seen items), and Redis holds the same lists. Interactions after the bundle was trained
 are not known here; callers may pass them in `exclude`.
 
-Ordering of Redis user lists: Redis stores a user's candidate lists split by channel (one
-hash field each). When the snapshot has a ranker (`snapshot.ranker`, bundles with `features/`
-and `ranker/`), for-you fuses those lists (`recall.fuse`, weighted RRF with the snapshot's or
-the caller's channel weights, 1.0 by default) into up to `rank.MAX_CANDIDATES` candidates,
-re-ranks them with the ranker and returns the top `limit`; a failing or too slow ranker keeps
-the fused (recall) order and is reported through `on_ranker_failed` (the response labels it
-`ranker_failed`; not an error, not a fallback step). Without a ranker (older or test bundles)
-the fields are merged by descending score, which restores the ranked order of a bundle whose
-store lists were published (`publish.py`; ties keep channel-name order). Lists from the local
-store are final ranked answers and are served as they are.
+Ordering of Redis user lists: Redis stores a user's candidates split by channel (one hash
+field each). Bundles trained since 2026-11-28 publish each channel's recall list
+(`user_candidates`: the top `per_channel` of every channel, several hundred items), so the
+online ranker fuses and scores the very candidates training did. When the snapshot has a
+ranker (`snapshot.ranker`, bundles with `features/` and `ranker/`), for-you reads them as
+arrays, fuses them (`rank.fuse_arrays`, weighted RRF with the snapshot's or the caller's
+channel weights, 1.0 by default) into up to `rank.MAX_CANDIDATES` candidates, re-ranks them
+and returns the top `limit`; a failing or too slow ranker keeps the fused (recall) order and
+is reported through `on_ranker_failed` (the response labels it `ranker_failed`; not an error,
+not a fallback step). Older bundles published their ranked lists split by channel: without a
+ranker those fields are merged by descending score, which restores the ranked order. Lists
+from the local store are final ranked answers and are served as they are.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from apps.serving.engine.degrade import Deadline, Outcome, StepCounter, recommend_with_fallback
-from apps.serving.engine.rank import MAX_CANDIDATES, fuse_lists
+from apps.serving.engine.rank import MAX_CANDIDATES, ChannelArrays, fuse_arrays
 from apps.serving.engine.redis_store import RedisCandidateStore
 from apps.serving.engine.snapshot import ServingSnapshot
 from apps.serving.engine.sources import Source, StoreUnavailable, Unavailable
@@ -149,10 +152,42 @@ def _merge_by_score(lists: dict[str, list[tuple[int, float]]]) -> list[tuple[int
     return merged
 
 
+# A channel's candidates: `(item_id, score)` pairs, or `(ids, scores)` arrays from Redis.
+ChannelCandidates = Sequence[tuple[int, float]] | ChannelArrays
+
+
+def _is_arrays(value: ChannelCandidates) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], np.ndarray)
+
+
+def _as_arrays(lists: Mapping[str, ChannelCandidates]) -> dict[str, ChannelArrays]:
+    out: dict[str, ChannelArrays] = {}
+    for channel, value in lists.items():
+        if _is_arrays(value):
+            out[channel] = value  # type: ignore[assignment]
+        elif value:
+            pairs = list(value)  # type: ignore[arg-type]
+            ids = np.fromiter((int(i) for i, _ in pairs), dtype=np.int64, count=len(pairs))
+            scores = np.fromiter((float(s) for _, s in pairs), dtype=np.float32, count=len(pairs))
+            out[channel] = (ids, scores)
+    return out
+
+
+def _as_lists(lists: Mapping[str, ChannelCandidates]) -> dict[str, list[tuple[int, float]]]:
+    return {
+        channel: (
+            list(zip(value[0].tolist(), value[1].tolist(), strict=True))  # type: ignore[union-attr]
+            if _is_arrays(value)
+            else list(value)  # type: ignore[arg-type]
+        )
+        for channel, value in lists.items()
+    }
+
+
 def rank_candidates(
     snapshot: ServingSnapshot,
     user_id: int,
-    lists: Mapping[str, list[tuple[int, float]]],
+    lists: Mapping[str, ChannelCandidates],
     *,
     channel_weights: Mapping[str, float] | None = None,
     use_ranker: bool = True,
@@ -160,18 +195,20 @@ def rank_candidates(
     deadline: Deadline | None = None,
     on_ranker_failed: Callable[[str], None] | None = None,
 ) -> list[tuple[int, float, str]]:
-    """Per-channel candidate lists in serving order: fused and re-ranked when the snapshot has
-    a ranker (recall order if it fails, or if `use_ranker` is False: an experiment arm without
-    the ranker), merged by score when it has none."""
+    """Per-channel candidates (pair lists or Redis arrays) in serving order: fused and
+    re-ranked when the snapshot has a ranker (recall order if it fails, or if `use_ranker` is
+    False: an experiment arm without the ranker), merged by score when it has none."""
     ranker = snapshot.ranker
+    weights = snapshot.channel_weights if channel_weights is None else channel_weights
     if ranker is None:
         if snapshot.ranker_error is not None and on_ranker_failed is not None:
             on_ranker_failed("unavailable")  # the bundle has a ranker that could not load
-        return _merge_by_score(lists)
-    weights = snapshot.channel_weights if channel_weights is None else channel_weights
-    candidates = fuse_lists(lists, weights, MAX_CANDIDATES)
+        if snapshot.recall_lists:  # recall lists: their fused order is the recall order
+            return fuse_arrays(_as_arrays(lists), weights, MAX_CANDIDATES).recall_order()
+        return _merge_by_score(_as_lists(lists))
+    candidates = fuse_arrays(_as_arrays(lists), weights, MAX_CANDIDATES)
     if not use_ranker:
-        return [(c[0], c[1], c[2]) for c in candidates]
+        return candidates.recall_order()
     budget = ranker.budget_s
     if deadline is not None:
         budget = min(budget, deadline.remaining())
@@ -194,7 +231,7 @@ class Options:
     use_ranker: bool = True
     now: pd.Timestamp | None = None
     on_ranker_failed: Callable[[str], None] | None = None
-    on_lists: Callable[[dict[str, list[tuple[int, float]]]], None] | None = None
+    on_lists: Callable[[Mapping[str, ChannelCandidates]], None] | None = None
 
 
 DEFAULT_OPTIONS = Options()
@@ -228,7 +265,11 @@ def for_you(
     skip = set(exclude)
 
     def from_redis(store: RedisCandidateStore) -> list[RecItem]:
-        lists = store.get_user_lists(user_id, snapshot.channels)
+        lists: Mapping[str, ChannelCandidates]
+        if snapshot.ranker is not None or snapshot.recall_lists:
+            lists = store.get_user_arrays(user_id, snapshot.channels)
+        else:
+            lists = store.get_user_lists(user_id, snapshot.channels)
         if opts.on_lists is not None:
             opts.on_lists(lists)
         ordered = rank_candidates(

@@ -56,13 +56,19 @@ def encode_list(pairs: Iterable[tuple[int, float]]) -> bytes:
     return FORMAT_V1 + ids.tobytes() + scores.tobytes()
 
 
-def decode_list(value: bytes) -> ScoredList:
-    """Unpack a packed list; `CorruptValue` when it is not one."""
+def decode_arrays(value: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack a packed list as `(ids, scores)` arrays; `CorruptValue` when it is not one."""
     if not value.startswith(FORMAT_V1) or (len(value) - 1) % _ITEM_BYTES:
         raise CorruptValue(f"not a packed list ({len(value)} bytes)")
     n = (len(value) - 1) // _ITEM_BYTES
     ids = np.frombuffer(value, dtype=_ID, count=n, offset=1)
     scores = np.frombuffer(value, dtype=_SCORE, count=n, offset=1 + n * _ID.itemsize)
+    return ids, scores
+
+
+def decode_list(value: bytes) -> ScoredList:
+    """Unpack a packed list; `CorruptValue` when it is not one."""
+    ids, scores = decode_arrays(value)
     return list(zip(ids.tolist(), scores.tolist(), strict=True))
 
 
@@ -118,6 +124,21 @@ class RedisCandidateStore:
         values = self._run(self.client.hmget, key, list(channels))
         return {
             channel: decode_list(value)
+            for channel, value in zip(channels, values, strict=True)
+            if value is not None
+        }
+
+    def get_user_arrays(
+        self, user_id: int, channels: Sequence[str]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """`get_user_lists` as `(ids, scores)` numpy arrays per channel (no Python tuples:
+        the ranker's fusion and features work on arrays)."""
+        if not channels:
+            return {}
+        key = _key(self.prefix, self.version, "u", user_id)
+        values = self._run(self.client.hmget, key, list(channels))
+        return {
+            channel: decode_arrays(value)
             for channel, value in zip(channels, values, strict=True)
             if value is not None
         }

@@ -121,6 +121,10 @@ class ServingSnapshot:
     # Why the bundle's ranker is not serving although the bundle has one (None: it is, or the
     # bundle has none). Answers then keep recall order and are labelled `ranker_failed`.
     ranker_error: str | None = None
+    # True when Redis holds the per-channel recall lists (`user_candidates`): without a ranker
+    # they are served in fused order. False (older bundles): Redis holds the ranked lists split
+    # by channel, and merging them by score restores the ranked order.
+    recall_lists: bool = False
 
     def close(self) -> None:
         """Release the local store's connections (after a swap)."""
@@ -164,18 +168,26 @@ def _read_catalogue(bundle_dir: Path) -> Catalogue:
     )
 
 
-def _read_channels(store_path: Path) -> tuple[str, ...]:
-    """The distinct channel names of the ranked user lists (one scan, off the request path)."""
+def _read_channels(store_path: Path) -> tuple[tuple[str, ...], bool]:
+    """The channel names of the lists `publish` puts in Redis, and whether those are the
+    per-channel recall lists (`user_candidates`; older bundles: their ranked user lists split
+    by channel). One scan, off the request path."""
     uri = f"file:{quote(str(store_path.resolve()))}?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
     try:
-        rows = conn.execute(
-            "SELECT DISTINCT json_extract(e.value, '$[2]') "
-            "FROM user_recs, json_each(user_recs.items) AS e"
-        ).fetchall()
+        recall = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'user_candidates'"
+        ).fetchone()
+        if recall:
+            rows = conn.execute("SELECT DISTINCT channel FROM user_candidates").fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT DISTINCT json_extract(e.value, '$[2]') "
+                "FROM user_recs, json_each(user_recs.items) AS e"
+            ).fetchall()
     finally:
         conn.close()
-    return tuple(sorted(str(c) for (c,) in rows if c is not None))
+    return tuple(sorted(str(c) for (c,) in rows if c is not None)), bool(recall)
 
 
 def _read_channel_weights(bundle_dir: Path) -> dict[str, float]:
@@ -221,7 +233,7 @@ def load_snapshot(
     store = LocalStore(store_path, breaker=store_breaker)
     try:
         popular = tuple(store.popular(popular_size))
-        channels = _read_channels(store_path)
+        channels, recall_lists = _read_channels(store_path)
         catalogue = _read_catalogue(bundle)
         weights = _read_channel_weights(bundle)
     except Exception as exc:
@@ -247,4 +259,5 @@ def load_snapshot(
         ranker=ranker,
         channel_weights=weights,
         ranker_error=ranker_error,
+        recall_lists=recall_lists,
     )
