@@ -227,6 +227,34 @@ def user_ids(data_dir: Path, limit: int = 500) -> list[int]:
     return [r[0] for r in rows] or list(range(1, limit + 1))
 
 
+def workload(data_dir: Path, users: list[int]) -> dict:
+    """What one full-path request does for these users: channel list items read from Redis
+    and candidates the ranker scores (the newest bundle's published lists, fused with equal
+    channel weights). Empty when there is no bundle."""
+    bundles = sorted((data_dir / "bundles").glob("*/store.sqlite3"))
+    if not bundles:
+        return {}
+    sys.path.insert(0, str(ROOT))
+    from apps.serving.engine.publish import read_bundle_lists
+    from apps.serving.engine.rank import MAX_CANDIDATES, fuse_arrays
+
+    published, _, _ = read_bundle_lists(bundles[-1])
+    items, candidates = [], []
+    for user in users:
+        lists = published.get(user, {})
+        items.append(sum(len(v) for v in lists.values()))
+        arrays = {c: ([i for i, _ in v], [s for _, s in v]) for c, v in lists.items() if v}
+        candidates.append(len(fuse_arrays(arrays, {}, MAX_CANDIDATES)))
+    n = max(1, len(users))
+    return {
+        "bundle": bundles[-1].parent.name,
+        "users": len(users),
+        "mean_channel_items_read": round(sum(items) / n, 1),
+        "mean_candidates_ranked": round(sum(candidates) / n, 1),
+        "max_candidates": MAX_CANDIDATES,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=500.0, help="requests per second (open loop)")
@@ -309,6 +337,7 @@ def main() -> int:
             "redis": bool(os.environ.get("REDIS_URL")),
         },
         "load": {"rate": args.rate, "duration_s": args.duration, "connections": args.connections},
+        "workload": workload(data_dir, users),
         "results": results,
         "ratios": {
             "throughput_full_over_baseline": round(
