@@ -13,7 +13,7 @@ DEMO_ACTIONS ?= 200000
 DEMO_SEED ?= 42
 PROM_DIR ?= var/prometheus
 
-.PHONY: help system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
+.PHONY: help audit system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
         test lint format pytest check-sources clean-data benchmarks quality quality-movielens reliability
 
 help:  ## list targets
@@ -125,6 +125,12 @@ ML100K ?= var/datasets/ml-100k
 quality-movielens: venv  ## MovieLens-100K (fetched from the RecBole wheel on PyPI), stratified protocol; JSON in benchmarks/results/
 	$(BIN)/python scripts/fetch_movielens.py --out $(ML100K)
 	$(BIN)/python -m benchmarks.quality --dataset movielens --path $(ML100K)
+
+AUDIT_VENV ?= var/audit-venv
+
+audit:  ## supply-chain audit (pip-audit --strict, its own venv; needs its online database): CLEAN, VULNERABLE or NOT RUN, JSON in benchmarks/results/
+	test -x $(AUDIT_VENV)/bin/pip-audit || (python3 -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install -q pip-audit)
+	$(AUDIT_VENV)/bin/python scripts/supply_chain_audit.py
 
 clean-data:  ## remove the local data directory (var/)
 	rm -rf var
