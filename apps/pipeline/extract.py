@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 from apps.pipeline.lake import Lake, StaleFenceToken, rows_to_arrow, to_frame
 from apps.pipeline.sources.contract import SourceSpec, TableSpec
-from apps.pipeline.sources.db import source_now
+from apps.pipeline.sources.db import is_connect_failure, source_now
 
 logger = logging.getLogger(__name__)
 
@@ -280,10 +280,12 @@ def extract_source(
     """Extract the tables of one source under its lock.
 
     Raises ``ExtractionAlreadyRunning`` if another run holds the lock. A failing table does
-    not stop the others (except a lost lock, after which every write would be refused); once
-    all have run and the lock is released, ``SourceExtractionFailed`` is raised carrying the
-    ``SourceResult`` with both the successes and the failures. ``reconcile`` also tombstones
-    deleted rows of tables with ``deletes: reconcile``.
+    not stop the others, with two exceptions: a lost lock (every later write would be refused)
+    and a source that cannot be connected to (its remaining tables are recorded as failed with
+    the same error instead of each waiting out the connect timeout). Once all have run and the
+    lock is released, ``SourceExtractionFailed`` is raised carrying the ``SourceResult`` with
+    both the successes and the failures. ``reconcile`` also tombstones deleted rows of tables
+    with ``deletes: reconcile``.
     """
     name = lock_name(source.name)
     token = locks.acquire(name, holder, lock_ttl_seconds)
@@ -294,8 +296,9 @@ def extract_source(
         )
     results: list[TableResult] = []
     failures: list[TableFailure] = []
+    names = list(tables) if tables is not None else list(source.tables)
     try:
-        for table_name in tables if tables is not None else list(source.tables):
+        for position, table_name in enumerate(names):
             spec = source.tables[table_name]
             try:
                 result = extract_table(
@@ -337,6 +340,16 @@ def extract_source(
                 )
                 if isinstance(exc, (StaleFenceToken, WatermarkConflict)):
                     break  # the lease was lost: every later write would be refused too
+                if is_connect_failure(exc):
+                    # The source cannot be reached at all: each remaining table would wait
+                    # out the same connect timeout and fail the same way. Record them as
+                    # failed with the same error (so the stage is classified as this one
+                    # is) and let the stage retry them all together.
+                    failures.extend(
+                        _not_attempted(source.tables[rest], exc, store)
+                        for rest in names[position + 1 :]
+                    )
+                    break
     finally:
         locks.release(name, token)
     outcome = SourceResult(
@@ -691,6 +704,16 @@ def _check_kind(spec: TableSpec, value: WatermarkValue | None) -> None:
             f"{spec.key}: the stored watermark {value!r} is not a {spec.cursor.kind!r} cursor "
             "(the contract's cursor changed?); reset this table's watermark to re-extract it"
         )
+
+
+def _not_attempted(spec: TableSpec, cause: Exception, store: WatermarkStore) -> TableFailure:
+    return TableFailure(
+        source=spec.source,
+        table=spec.name,
+        error_type=type(cause).__name__,
+        error=f"not attempted, the source could not be reached: {cause}",
+        watermark=store.get(spec.source, spec.name)[0],
+    )
 
 
 def _empty(spec: TableSpec) -> pa.Table:
