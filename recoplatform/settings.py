@@ -96,9 +96,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
     DATABASES["default"].setdefault("OPTIONS", {})["charset"] = "utf8mb4"
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the admin read while a pipeline stage writes; the busy timeout covers short overlaps.
+    # IMMEDIATE: a transaction takes the write lock when it begins, waiting up to the timeout.
+    # With SQLite's default (DEFERRED) one that read first and then writes fails at once with
+    # "database is locked" when another connection wrote meanwhile (the busy timeout does not
+    # apply to that upgrade): a promotion did so during a pipeline run in the soak scenario.
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
     }
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     # A file (not Django's shared in-memory database) so that background threads and
@@ -134,7 +139,37 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Task events feed the Celery exporter that Prometheus scrapes (docker-compose.yml).
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Redis broker: a task delivered but never acknowledged (its worker was killed, or it lost the
+# broker) is delivered again after the visibility timeout: the delay before a crashed worker's
+# stage resumes. Longer than the longest task (the daily train stage) and than any retry
+# countdown (60 s at most); a shorter one is still safe (a stage delivered again while it runs
+# waits for it: tasks are idempotent) but delivers long stages several times. Unacknowledged
+# tasks are looked for every tenth of it, at most every 10 s (kombu's default: every 100 s).
+_visibility_timeout = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 2 * 3600, minimum=2)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": _visibility_timeout,
+    "unacked_restore_interval": max(1, min(10, _visibility_timeout // 10)),
+    "unacked_restore_throttle": 1,
+}
+# A pipeline run with no sign of life for this long (its chain was lost with the broker's
+# queue) is failed by the reaper task, so it stops blocking the next run of its kind. Longer
+# than the visibility timeout: until then a redelivered task may still carry the run on.
+PIPELINE_RUN_STALE_SECONDS = env_int(
+    "RECO_PIPELINE_RUN_STALE_SECONDS", _visibility_timeout + 1800, minimum=1
+)
+# Beat: schedules in the database (django-celery-beat), sent only by the beat that holds a
+# leader lease in Redis (apps/pipeline/beat.py), so a second beat is a hot standby that takes
+# over within the lease's TTL. Default lease store: the broker (without it beat cannot send).
+CELERY_BEAT_SCHEDULER = "apps.pipeline.beat:LeaderDatabaseScheduler"
+CELERY_BEAT_LEADER_LOCK_URL = env_url(
+    "CELERY_BEAT_LEADER_LOCK_URL",
+    CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis:", "rediss:")) else "",
+    schemes=("redis", "rediss", "unix"),
+)
+CELERY_BEAT_LEADER_LOCK_SECONDS = env_int("CELERY_BEAT_LEADER_LOCK_SECONDS", 30, minimum=1)
+# Save each entry's last run after every task sent: a standby that takes over reads it and does
+# not send a task the old leader already sent.
+CELERY_BEAT_SYNC_EVERY = 1
 CELERY_TIMEZONE = "UTC"
 
 # Loopback and private ranges: where a Prometheus scraper sits (compose network, cluster).

@@ -52,6 +52,28 @@ class PipelineRun(models.Model):
         return None
 
 
+class PipelineTriggerLock(models.Model):
+    """The row every trigger of one pipeline kind locks while it decides whether to start a run.
+
+    ``services.pipeline_run_trigger`` updates this row first inside its transaction (a row lock
+    on MariaDB/PostgreSQL, the database's write lock on SQLite), then looks for a pending or
+    running run of the kind and creates one only if there is none: concurrent triggers (two
+    beats, a redelivered task, an operator) queue on the row and the later ones find the run.
+    """
+
+    kind = models.CharField(max_length=32, unique=True)
+    triggered_at = models.DateTimeField(null=True, blank=True)
+    last_run_id = models.BigIntegerField(null=True, blank=True)
+    # The trigger (a Celery task id) that created the last run: delivered again, it gets its
+    # run back instead of being skipped because of it.
+    last_trigger_id = models.CharField(max_length=255, blank=True, default="")
+    triggers = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"trigger lock {self.kind} (last run #{self.last_run_id})"
+
+
 class StageRun(models.Model):
     """One stage of a pipeline run: status, timings, row counts, details and error text.
 

@@ -54,6 +54,16 @@ SCHEDULES: tuple[Schedule, ...] = (
         "*",
         "Quality score every 15 minutes (feeds the quality alert).",
     ),
+    # Every 10 minutes: fail runs whose chain was lost (no sign of life for
+    # PIPELINE_RUN_STALE_SECONDS), so they stop blocking the next run of their kind.
+    Schedule(
+        "pipeline: reap stale runs",
+        "pipeline.pipeline_run_reap_stale",
+        {},
+        "*/10",
+        "*",
+        "Fail pipeline runs stuck in pending/running after their tasks were lost.",
+    ),
     # Sundays at 05:00 UTC: the recipe on the stratified protocol of the public benchmarks.
     Schedule(
         "pipeline: stratified evaluation",

@@ -10,6 +10,7 @@ its own. Both go through ``_stage_call``, so every caller runs stages the same w
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from apps.pipeline.models import (
     ExtractionLock,
     ExtractionRun,
     PipelineRun,
+    PipelineTriggerLock,
     RunStatus,
     Stage,
     StageRun,
@@ -1074,23 +1076,107 @@ def pipeline_run_execute(
     return pipeline_run_finish(run_id=run_id, stages=stages)
 
 
-SCHEDULED_SKIPPED = "skipped: a run of this kind is already running"
+SCHEDULED_SKIPPED = "skipped: a run of this kind is already pending or running"
+# A run in one of these states blocks a new run of its kind (pending: its task is queued).
+ACTIVE_STATUSES = (RunStatus.PENDING, RunStatus.RUNNING)
 
 
-def pipeline_run_create_scheduled(*, kind: str) -> PipelineRun | None:
-    """Record a pending run of ``kind`` for beat, unless one of that kind is already running."""
-    if PipelineRun.objects.filter(kind=kind, status=RunStatus.RUNNING).exists():
-        return None
-    return pipeline_run_create(kind=kind, triggered_by="beat")
+def pipeline_run_trigger(
+    *, kind: str, triggered_by: str, trigger_id: str = ""
+) -> PipelineRun | None:
+    """Create a pending run of ``kind`` unless one is pending or running; None if one is.
+
+    Atomic across processes and hosts, so any number of simultaneous triggers (two beats, a
+    task delivered twice, five at once) create one run. The check and the insert run in one
+    transaction that first *writes* the kind's ``PipelineTriggerLock`` row: on MariaDB and
+    PostgreSQL the UPDATE holds the row lock until commit and the next trigger waits for it
+    (READ COMMITTED: it then sees the new run); on SQLite the first write takes the database's
+    write lock before anything is read, so no snapshot can be stale. (``select_for_update``
+    would not do on SQLite, where it is a no-op and a read-then-write transaction fails with
+    "database is locked" instead of waiting.) The caller enqueues the run after this returns,
+    that is after the commit.
+
+    ``trigger_id`` (a Celery task id) identifies the trigger. The same trigger delivered again
+    (its worker died after the commit, perhaps before the run's chain was published) gets its
+    run back while that is still pending or running, for the caller to start if nothing did;
+    never a second run, and never a skip that would leave its own run pending for ever.
+    """
+    PipelineTriggerLock.objects.get_or_create(kind=kind)  # its own commit: locked below
+    with transaction.atomic():
+        locks = PipelineTriggerLock.objects.filter(kind=kind)
+        locks.update(triggered_at=timezone.now(), triggers=F("triggers") + 1)
+        lock = locks.get()
+        if trigger_id and lock.last_trigger_id == trigger_id:
+            active = PipelineRun.objects.filter(pk=lock.last_run_id, status__in=ACTIVE_STATUSES)
+            return active.first()
+        if PipelineRun.objects.filter(kind=kind, status__in=ACTIVE_STATUSES).exists():
+            locks.update(skipped=F("skipped") + 1)
+            return None
+        run = pipeline_run_create(kind=kind, triggered_by=triggered_by)
+        locks.update(last_run_id=run.pk, last_trigger_id=trigger_id[:255])
+    return run
+
+
+def pipeline_run_create_scheduled(*, kind: str, trigger_id: str = "") -> PipelineRun | None:
+    """Record a pending run of ``kind`` for beat, unless one of that kind is pending or running."""
+    return pipeline_run_trigger(kind=kind, triggered_by="beat", trigger_id=trigger_id)
 
 
 def pipeline_run_scheduled(*, kind: str) -> str | None:
-    """Run a scheduled run of ``kind`` in this process unless one of that kind is running."""
+    """Run a scheduled run of ``kind`` in this process unless one of that kind is active."""
     run = pipeline_run_create_scheduled(kind=kind)
     if run is None:
         return SCHEDULED_SKIPPED
     result = pipeline_run_execute(run_id=run.pk)
     return result.status if result else None
+
+
+def pipeline_run_reap_stale(*, stale_seconds: float, now: Any = None) -> list[int]:
+    """Fail the runs that can no longer finish, so they stop blocking their kind; their ids.
+
+    A run's chain lives in the broker; if it is lost (a broker without persistence restarted,
+    a task dropped by hand) the run would stay ``running`` or ``pending`` for ever and every
+    later trigger of its kind would be skipped. A running run is stale when nothing about it
+    moved for ``stale_seconds``: its start, and every stage's start, heartbeat and finish (a
+    live stage beats every STAGE_HEARTBEAT_SECONDS). A pending run is stale when it was created
+    that long ago and never started. ``stale_seconds`` must exceed the broker's visibility
+    timeout: until then a task of the run may still be delivered again and carry it on.
+    Each run is failed with a conditional UPDATE, so a run that just came back to life is left.
+    """
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=stale_seconds)
+    reaped: list[int] = []
+    for run in PipelineRun.objects.filter(status=RunStatus.PENDING, created_at__lt=cutoff):
+        if run.stages.exists():
+            continue
+        failed = PipelineRun.objects.filter(pk=run.pk, status=RunStatus.PENDING).update(
+            status=RunStatus.FAILED,
+            finished_at=now,
+            error=f"reaped: pending since {run.created_at.isoformat()}, never started",
+        )
+        reaped += [run.pk] if failed else []
+    running = PipelineRun.objects.filter(status=RunStatus.RUNNING).prefetch_related("stages")
+    for run in running:
+        stamps = [run.started_at or run.created_at]
+        for stage in run.stages.all():
+            stamps += [stage.started_at, stage.heartbeat_at, stage.finished_at]
+        last = max(t for t in stamps if t is not None)
+        if last >= cutoff:
+            continue
+        with transaction.atomic():
+            if run.stages.filter(heartbeat_at__gte=cutoff).exists():
+                continue  # a stage beat since we looked
+            error = f"reaped: no sign of life since {last.isoformat()} (its tasks were lost)"
+            if not PipelineRun.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+                status=RunStatus.FAILED, finished_at=now, error=error
+            ):
+                continue
+            run.stages.filter(status__in=ACTIVE_STATUSES).update(
+                status=RunStatus.FAILED, finished_at=now, error=error, owner=""
+            )
+        logger.warning("pipeline run #%s %s", run.pk, error)
+        reaped.append(run.pk)
+    return reaped
 
 
 def quality_gate_check() -> DataQualityReport:

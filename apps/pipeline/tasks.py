@@ -23,13 +23,26 @@ from apps.pipeline.models import RunStatus
 
 # Every task: acknowledged only after it ran, and requeued when its worker process dies.
 RELIABLE = {"acks_late": True, "reject_on_worker_lost": True}
+# Each link of a run's chain is published by the task before it, from a worker. Celery's default
+# retry policy gives up after under a second, so a broker restart (seconds: it reloads its
+# append-only file) would drop the rest of the run; these retries wait for it for about a
+# minute (15 tries, 0, 1, 2, 3, 4 s apart, then 5 s). Web requests keep the short default.
+CHAIN_PUBLISH = {
+    "retry": True,
+    "retry_policy": {
+        "max_retries": 15,
+        "interval_start": 0,
+        "interval_step": 1,
+        "interval_max": 5,
+    },
+}
 
 
 def pipeline_run_chain(run_id: int, stages: Sequence[str]) -> Signature:
     """One task per stage, in order, then the task that sets the run's final status."""
     return chain(
-        *(pipeline_stage_execute_task.si(run_id, stage) for stage in stages),
-        pipeline_run_finish_task.si(run_id, list(stages)),
+        *(pipeline_stage_execute_task.si(run_id, stage).set(**CHAIN_PUBLISH) for stage in stages),
+        pipeline_run_finish_task.si(run_id, list(stages)).set(**CHAIN_PUBLISH),
     )
 
 
@@ -107,17 +120,28 @@ def enqueue_pipeline_run(run_id: int) -> str:
 
 @shared_task(bind=True, name="pipeline.pipeline_scheduled", **RELIABLE)
 def pipeline_scheduled_task(self, kind: str = "incremental") -> str | None:
-    """Beat entry point: create and execute a run of ``kind`` unless one is already running."""
+    """Beat entry point: create and execute a run of ``kind`` unless one is pending or running.
+
+    Safe to receive several times at once (two beats, a redelivery): the trigger is atomic, so
+    one delivery creates the run and the others return ``SCHEDULED_SKIPPED``.
+    """
     if self.request.is_eager:
         return services.pipeline_run_scheduled(kind=kind)
-    run = services.pipeline_run_create_scheduled(kind=kind)
+    run = services.pipeline_run_create_scheduled(kind=kind, trigger_id=self.request.id or "")
     if run is None:
         return services.SCHEDULED_SKIPPED
+    # (a redelivery of this task gets its own run back: this starts it if nothing did yet)
     stages = services.pipeline_run_start(run_id=run.pk)
     if stages is None:
         return None
     pipeline_run_chain(run.pk, stages).apply_async()
     return RunStatus.RUNNING
+
+
+@shared_task(name="pipeline.pipeline_run_reap_stale", **RELIABLE)
+def pipeline_run_reap_stale_task() -> list[int]:
+    """Fail runs with no sign of life for PIPELINE_RUN_STALE_SECONDS (their chain was lost)."""
+    return services.pipeline_run_reap_stale(stale_seconds=settings.PIPELINE_RUN_STALE_SECONDS)
 
 
 @shared_task(name="pipeline.primary_sync_to_redis", **RELIABLE)
