@@ -100,7 +100,16 @@ class PipelineRunAdmin(RecordAdmin):
         return HttpResponseRedirect(reverse("admin:pipeline_pipelinerun_changelist"))
 
     def _queue_run(self, request: HttpRequest) -> None:
-        run = services.pipeline_run_create(kind="manual", triggered_by=f"admin:{request.user}")
+        run = services.pipeline_run_trigger(kind="manual", triggered_by=f"admin:{request.user}")
+        if run is None:  # a double click, or two operators at once: one run
+            active = services.pipeline_run_active(kind="manual")
+            self.message_user(
+                request,
+                f"Pipeline run #{active.pk if active else '?'} is already pending or running; "
+                "nothing was queued.",
+                messages.WARNING,
+            )
+            return
         how = tasks.enqueue_pipeline_run(run.pk)
         self.message_user(request, f"Pipeline run #{run.pk} {how}.", messages.SUCCESS)
 

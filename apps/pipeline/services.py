@@ -1117,6 +1117,11 @@ def pipeline_run_trigger(
     return run
 
 
+def pipeline_run_active(*, kind: str) -> PipelineRun | None:
+    """The oldest pending or running run of ``kind``, if any."""
+    return PipelineRun.objects.filter(kind=kind, status__in=ACTIVE_STATUSES).order_by("pk").first()
+
+
 def pipeline_run_create_scheduled(*, kind: str, trigger_id: str = "") -> PipelineRun | None:
     """Record a pending run of ``kind`` for beat, unless one of that kind is pending or running."""
     return pipeline_run_trigger(kind=kind, triggered_by="beat", trigger_id=trigger_id)

@@ -113,6 +113,19 @@ class RetrainOutput(serializers.Serializer):
 REFUSED = OpenApiResponse(RefusedOutput, description="Refused; the registry is unchanged.")
 
 
+class RunActiveOutput(serializers.Serializer):
+    """A retrain refused because a run of that kind is already pending or running."""
+
+    error = serializers.CharField()
+    detail = serializers.CharField()
+    run_id = serializers.IntegerField(allow_null=True)
+
+
+RUN_ACTIVE = OpenApiResponse(
+    RunActiveOutput, description="A full run is already pending or running; nothing was queued."
+)
+
+
 def _actor(request: Request) -> str:
     return request.user.get_username()
 
@@ -295,6 +308,7 @@ class RetrainView(_BodyMixin, AdminAPIView):
         responses={
             202: RetrainOutput,
             400: BAD_REQUEST,
+            409: RUN_ACTIVE,
             **ADMIN_ERRORS,
             **BODY_ERRORS,
         },
@@ -303,7 +317,18 @@ class RetrainView(_BodyMixin, AdminAPIView):
         _, error = self.read_input(request)
         if error is not None:
             return error
-        run = pipeline.pipeline_run_create(kind=RETRAIN_KIND, triggered_by=f"api:{_actor(request)}")
+        # The atomic trigger: a second retrain while one is pending or running queues nothing.
+        run = pipeline.pipeline_run_trigger(
+            kind=RETRAIN_KIND, triggered_by=f"api:{_actor(request)}"
+        )
+        if run is None:
+            active = pipeline.pipeline_run_active(kind=RETRAIN_KIND)
+            body = {
+                "error": "run_active",
+                "detail": f"a {RETRAIN_KIND} pipeline run is already pending or running",
+                "run_id": active.pk if active else None,
+            }
+            return Response(RunActiveOutput(body).data, status=409)
         # Never train inside the request: on the broker, or a background thread without one.
         how = pipeline_tasks.enqueue_pipeline_run(run.pk)
         body = {"run_id": run.pk, "kind": run.kind, "status": run.status, "queued": how}

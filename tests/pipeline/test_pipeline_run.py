@@ -218,6 +218,19 @@ def test_the_run_now_button_queues_a_run(demo_sources, admin_client):
     assert f"Pipeline run #{run.pk}" in response.content.decode()
 
 
+def test_the_run_now_button_queues_nothing_while_a_manual_run_is_pending(admin_client):
+    # Given a manual run still waiting for a worker (a double click, a second operator)
+    pending = PipelineRun.objects.create(kind="manual", triggered_by="admin:first")
+    # When the button is pressed again
+    response = admin_client.post(reverse("admin:pipeline_pipelinerun_run_now"), follow=True)
+    # Then no second run exists and the operator is told which run is active
+    assert response.status_code == 200
+    assert list(PipelineRun.objects.values_list("pk", flat=True)) == [pending.pk]
+    assert f"Pipeline run #{pending.pk} is already pending or running" in (
+        response.content.decode()
+    )
+
+
 def test_metrics_export_the_latest_quality_score(demo_sources, client):
     _run()
     body = client.get("/metrics").content.decode()

@@ -434,6 +434,20 @@ def test_a_retrain_queues_one_full_run_like_the_admin_button(
     }
     assert enqueued == [run.pk]
     assert audit_lines(audit_log)[-1]["run_id"] == run.pk
+    # A second retrain while that run is pending queues nothing: one effective run.
+    again = ops_post(people, RETRAIN)
+    assert again.status_code == 409
+    assert again.json() == {
+        "error": "run_active",
+        "detail": "a full pipeline run is already pending or running",
+        "run_id": run.pk,
+    }
+    assert PipelineRun.objects.count() == 1
+    assert enqueued == [run.pk]
+    assert (audit_lines(audit_log)[-1]["status"], audit_lines(audit_log)[-1]["run_id"]) == (
+        409,
+        None,
+    )
 
 
 @pytest.mark.parametrize(
