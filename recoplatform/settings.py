@@ -210,9 +210,17 @@ RECO = {
     "EVALUATE_RANKER_FOLDS": env_int("RECO_EVALUATE_RANKER_FOLDS", 1, minimum=1),
     # The first model of an empty registry is promoted (through every gate) after training.
     "AUTO_PROMOTE_FIRST": env_bool("RECO_AUTO_PROMOTE_FIRST", default=True),
-    # Promotion gates (apps/models/gates.py): the smoke test loads bundles with this function.
-    "BUNDLE_LOADER": "apps.pipeline.train.loader.load_scorer",
+    # Promotion gates (apps/models/gates.py): the smoke test loads bundles with this function
+    # (LightGBM on one thread, rows prepared outside the timed call, as serving scores).
+    "BUNDLE_LOADER": "apps.models.gates.load_ranker_scorer",
     "SMOKE_P95_MS": env_float("RECO_SMOKE_P95_MS", 100.0, minimum=0.1),
+    # ... and refuses a candidate whose p95 CPU time per request is more than this many times
+    # the primary's on the same requests, both timed in the same gate run (0: no comparison);
+    # identical bundles measured 0.92-1.10x here with both cores busy. Candidates at or under
+    # the floor are not judged by the ratio.
+    "GATE_MAX_LATENCY_RATIO": env_float("RECO_GATE_MAX_LATENCY_RATIO", 2.0, minimum=0.0),
+    "GATE_LATENCY_SAMPLES": env_int("RECO_GATE_LATENCY_SAMPLES", 200, minimum=1),
+    "GATE_LATENCY_FLOOR_MS": env_float("RECO_GATE_LATENCY_FLOOR_MS", 0.25, minimum=0.0),
     # Exposure log (JSON lines, size-rotated); feedback.jsonl and audit.jsonl sit beside it.
     "EXPOSURE_LOG": env_str("RECO_EXPOSURE_LOG", str(DATA_DIR / "exposures" / "exposures.jsonl")),
     # Serving: the whole request's engine budget, the Redis socket timeouts, how often a worker

@@ -21,9 +21,13 @@ Which gates run for which change:
 
 Settings read (``settings.RECO``, all optional): ``BUNDLE_LOADER`` (dotted path of a
 ``load(bundle_dir) -> scorer`` callable; none skips the smoke test), ``SMOKE_P95_MS``,
-``SMOKE_SAMPLE_REQUESTS``, ``PROMOTION_METRIC_TOLERANCES``, ``CANARY_METRIC_TOLERANCES`` and
+``SMOKE_SAMPLE_REQUESTS``, ``PROMOTION_METRIC_TOLERANCES``, ``CANARY_METRIC_TOLERANCES``,
 ``SERVING_FEATURE_SCHEMA`` (a list, or the dotted path of a list or of a callable returning
-one; unset means "the current primary's schema").
+one; unset means "the current primary's schema"), and for the smoke test's latency check
+against the primary (``gates.compare_latency``: the primary's bundle loaded with the same
+loader, timed on the same requests): ``GATE_MAX_LATENCY_RATIO`` (default 2.0; None or 0 turns
+the check off), ``GATE_LATENCY_SAMPLES`` (200 timed requests per side) and
+``GATE_LATENCY_FLOOR_MS`` (0.25: a candidate p95 at or below it is not judged by ratio).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ DEFAULT_PROMOTION_TOLERANCES = {"ndcg@10": 0.02, "recall@10": 0.02, "auc": 0.01}
 DEFAULT_CANARY_TOLERANCES = {"ndcg@10": 0.10, "recall@10": 0.10, "auc": 0.05}
 DEFAULT_SMOKE_P95_MS = 100.0
 DEFAULT_SMOKE_SAMPLE_REQUESTS = 20
+DEFAULT_MAX_LATENCY_RATIO = gates.DEFAULT_MAX_LATENCY_RATIO
+DEFAULT_LATENCY_SAMPLES = gates.DEFAULT_LATENCY_SAMPLES
+DEFAULT_LATENCY_FLOOR_MS = gates.DEFAULT_LATENCY_FLOOR_MS
 
 SAFETY_GATES = (gates.ARTIFACT_CHECKSUMS, gates.FEATURE_SCHEMA, gates.SMOKE_TEST)
 
@@ -233,6 +240,13 @@ def _sample_requests(version: ModelVersion) -> list[list[dict[str, Any]]]:
     return gates.synthetic_requests(version.feature_schema, requests=count)
 
 
+def _max_latency_ratio() -> float | None:
+    value = _option("GATE_MAX_LATENCY_RATIO", DEFAULT_MAX_LATENCY_RATIO)
+    if value is None or float(value) <= 0:
+        return None
+    return float(value)
+
+
 def _run_gates(
     version: ModelVersion,
     *,
@@ -264,6 +278,10 @@ def _run_gates(
         expected_version=version.version,
         expected_manifest_sha256=version.manifest_sha256 or None,
         gates=only,
+        primary_bundle_dir=Path(other.bundle_path) if other is not None else None,
+        max_latency_ratio=_max_latency_ratio(),
+        latency_samples=int(_option("GATE_LATENCY_SAMPLES", DEFAULT_LATENCY_SAMPLES)),
+        latency_floor_ms=float(_option("GATE_LATENCY_FLOOR_MS", DEFAULT_LATENCY_FLOOR_MS)),
     )
 
 
