@@ -326,3 +326,34 @@ def test_serving_builds_training_s_feature_rows_for_the_same_user(bundle: Path, 
         np.testing.assert_allclose(served, ranker._model_matrix(trained), rtol=1e-6, atol=1e-6)
         checked += 1
     assert checked >= 10
+
+
+def test_a_ranker_file_that_differs_from_the_manifest_is_never_parsed(bundle: Path, tmp_path):
+    """LightGBM can abort the process on a corrupt model file: serving checks the manifest's
+    checksums first and serves the bundle without its ranker instead."""
+    import json
+    import shutil
+
+    from apps.models.bundle import file_sha256
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    files = {
+        str(p.relative_to(copy)): file_sha256(p)
+        for p in copy.rglob("*")
+        if p.is_file() and p.parts[len(copy.parts)] in ("ranker", "features")
+    }
+    (copy / "manifest.json").write_text(json.dumps({"files": files}))
+    assert Ranker.load(copy).scorer is not None  # intact: loads
+    model = copy / "ranker" / "model.txt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(RankerLoadError, match=r"ranker/model\.txt does not match"):
+        Ranker.load(copy)
+    snap = load_snapshot(copy, "v1", require_ranker=False)
+    try:
+        assert snap.ranker is None
+        assert "manifest checksum" in (snap.ranker_error or "")
+    finally:
+        snap.close()

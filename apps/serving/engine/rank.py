@@ -308,6 +308,7 @@ class Ranker:
         """Load, choose the scorer and smoke-test; `RankerLoadError` when it cannot serve."""
         bundle = Path(bundle_dir)
         try:
+            _check_files(bundle)
             builder = ft.FeatureBuilder.load(bundle / FEATURES_DIR)
             model = rk.load_ranker(bundle / RANKER_DIR)
             model_features = list(model.feature_names_)
@@ -448,6 +449,22 @@ class Ranker:
         score_list = scores.tolist()
         items = [(recall[k][0], score_list[k], recall[k][2]) for k in order.tolist()]
         return RankResult(items, timings=timings)
+
+
+def _check_files(bundle: Path) -> None:
+    """Refuse (`RankerLoadError`) a ranker or feature file that differs from the bundle's
+    manifest before anything parses it: LightGBM aborts the whole process (std::terminate) on
+    some corrupt model files, which in a serving worker would be a crash loop, not an error.
+    Bundles without a manifest (built by hand) are not checked."""
+    from apps.models.bundle import MANIFEST_NAME, file_sha256, read_manifest
+
+    if not (bundle / MANIFEST_NAME).is_file():
+        return
+    for rel, digest in read_manifest(bundle)["files"].items():
+        if rel.startswith((f"{RANKER_DIR}/", f"{FEATURES_DIR}/")):
+            path = bundle / rel
+            if not path.is_file() or file_sha256(path) != digest.lower():
+                raise RankerLoadError(f"{rel} does not match the bundle's manifest checksum")
 
 
 def _as_set(candidates: Sequence[Candidate] | CandidateSet) -> CandidateSet:
