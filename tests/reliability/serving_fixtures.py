@@ -690,6 +690,9 @@ def summarize(samples: Sequence[Sequence[Any]]) -> dict[str, Any]:
         "requests": len(samples),
         "http_200": statuses.get(200, 0),
         "http_5xx": sum(n for code, n in statuses.items() if isinstance(code, int) and code >= 500),
+        # Of those, overload sheds (the only 503s the server sends): not failures of a request
+        # the server took on.
+        "http_503": statuses.get(503, 0),
         "http_4xx": sum(
             n for code, n in statuses.items() if isinstance(code, int) and 400 <= code < 500
         ),
