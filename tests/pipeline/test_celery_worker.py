@@ -34,6 +34,7 @@ from apps.pipeline.models import (
 )
 from tests.conftest import flushed_redis_db
 from tests.demo_frames import write_demo_sources
+from tests.reliability.celery_fixtures import children, kill_if_same
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis, pytest.mark.slow]
 
@@ -49,32 +50,6 @@ PAUSE_SECONDS = 8
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (state is [0], ppid [1], start [19])."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of the live child processes of ``pid`` (a worker's pool children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields and fields[1] == str(pid) and fields[0] != "Z":
-                found.append((int(entry.name), fields[19]))
-    return found
-
-
-def _kill_if_same(pid: int, start: str) -> None:
-    """SIGKILL ``pid`` only if it is still the process seen earlier (pids can be reused)."""
-    fields = _stat(pid)
-    if fields and fields[19] == start:
-        os.kill(pid, signal.SIGKILL)
 
 
 class Worker:
@@ -138,7 +113,7 @@ class Worker:
                 self.process.kill()
                 self.process.wait(5)
         for pid, start in known:
-            _kill_if_same(pid, start)
+            kill_if_same(pid, start)
         self._log_file.close()
 
 
@@ -336,7 +311,7 @@ def test_a_stage_killed_mid_task_is_re_run_once_in_effect_on_a_new_worker(
 
     # When that pool child is killed (SIGKILL, as the OOM killer would), its worker is stopped
     # and a new worker is started
-    _kill_if_same(child, start)
+    kill_if_same(child, start)
     first.wait_until(
         "the worker to see its child die",
         lambda: "WorkerLostError" in first.text() or "SIGKILL" in first.text(),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.serving_fixtures import SHARED_PORTS, RedisProcess, _pings
+from tests.reliability.serving_fixtures import RedisProcess
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):")
@@ -36,37 +36,10 @@ class BrokerRedis(RedisProcess):
         self.durable = durable
         super().__init__(workdir)
 
-    def start(self) -> None:
-        assert self.port not in SHARED_PORTS
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"]
-            if self.durable
-            else ["--appendonly", "no"]
-        )
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.workdir),
-                "--save", "",
-                *persistence,
-                "--daemonize", "no",
-                "--loglevel", "warning",
-                "--logfile", str(self.workdir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            if _pings(self.port):  # a Redis still loading its AOF answers -LOADING, not PONG
-                return
-            time.sleep(0.02)
-        self.close()
-        pytest.fail(f"could not start a private redis-server on port {self.port}")
+    def persistence(self) -> list[str]:
+        if self.durable:
+            return ["--appendonly", "yes", "--appendfsync", "always"]
+        return ["--appendonly", "no"]
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.serving_fixtures import IN_CI, SHARED_PORTS, free_port
+from tests.reliability.serving_fixtures import IN_CI, SHARED_PORTS, PrivateServer, free_port
 
 MARIADBD = "/usr/sbin/mariadbd"
 INSTALL_DB = "mariadb-install-db"
@@ -47,8 +47,11 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-class MariaDBProcess:
+class MariaDBProcess(PrivateServer):
     """A private mariadbd on a free loopback port with its data in `workdir/data`."""
+
+    kill_wait_s = 10.0
+    term_wait_s = 20.0  # InnoDB flushes on a clean shutdown
 
     def __init__(self, workdir: Path) -> None:
         self.binary = _require(MARIADBD)
@@ -70,11 +73,6 @@ class MariaDBProcess:
         """A source URL as the platform takes it (`mysql://root@host:port/db`); `port`
         replaces the server's (a fault proxy in front of it)."""
         return f"mysql://root@127.0.0.1:{port or self.port}/{database}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
 
     def connect(self, database: str = "", timeout: int = 5):  # type: ignore[no-untyped-def]
         """A direct MySQLdb connection (root, no password) with short timeouts."""
@@ -178,49 +176,17 @@ class MariaDBProcess:
         self.close()
         pytest.fail(f"could not start a private mariadbd on port {self.port}:\n{log}")
 
-    def stop(self) -> None:
-        """SIGSTOP: the server hangs with its sockets open (the worst case for timeouts).
-        Returns once the kernel reports the process stopped."""
-        self._signal(signal.SIGSTOP)
-        self.stopped = True
-        self._wait_state(lambda s: s == "T", "stopped")
-
-    def resume(self) -> None:
-        """SIGCONT after `stop`."""
-        self._signal(signal.SIGCONT)
-        self.stopped = False
-        self._wait_state(lambda s: s != "T", "running")
-
-    def kill(self) -> None:
-        """SIGKILL: open connections drop, new ones are refused (nothing listens)."""
-        if self.process is not None and self.process.poll() is None:
-            self._signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.stopped = False
-
-    def restart(self) -> None:
-        """`kill` then `start` on the same data directory and port."""
-        self.kill()
-        self.start()
-
-    def close(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        if self.stopped:
-            self.resume()  # a stopped process would not act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    def _after_signal(self, sig: signal.Signals) -> None:
+        """Return once the kernel reports the process stopped (SIGSTOP) or running again."""
+        if sig == signal.SIGSTOP:
+            self._wait_state(lambda s: s == "T", "stopped")
+        elif sig == signal.SIGCONT:
+            self._wait_state(lambda s: s != "T", "running")
 
     def _signal(self, sig: signal.Signals) -> None:
-        assert self.port not in SHARED_PORTS, "never signal a shared service"
         assert self.process is not None
         assert self.process.poll() is None
-        self.process.send_signal(sig)  # by pid: only the process this object started
+        super()._signal(sig)
 
     def _wait_state(self, ok, what: str) -> None:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + 5

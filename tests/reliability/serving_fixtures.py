@@ -97,12 +97,78 @@ def _pings(port: int) -> bool:
         return False
 
 
-class RedisProcess:
+class PrivateServer:
+    """Signals for a server process a test started (`self.process`, on `self.port`): stop
+    (SIGSTOP), resume, kill, restart and close, always by pid, never on a shared port.
+    Subclasses implement `start()` and may wait for a state in `_after_signal`."""
+
+    process: subprocess.Popen[bytes] | None
+    port: int
+    stopped: bool
+    # Seconds to wait for the process to exit after SIGKILL and after SIGTERM.
+    kill_wait_s = 5.0
+    term_wait_s = 5.0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        """SIGSTOP: the peer hangs with its sockets open (the worst case for timeouts)."""
+        self._signal(signal.SIGSTOP)
+        self.stopped = True
+        self._after_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `stop`."""
+        self._signal(signal.SIGCONT)
+        self.stopped = False
+        self._after_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: open connections drop, new ones are refused (nothing listens)."""
+        if self.process is not None and self.process.poll() is None:
+            self._signal(signal.SIGKILL)
+            self.process.wait(timeout=self.kill_wait_s)
+        self.stopped = False
+
+    def restart(self) -> None:
+        """`kill`, then `start` again on the same port (and data directory)."""
+        self.kill()
+        self.start()
+
+    def close(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        if self.stopped:
+            self.resume()  # a stopped process would not act on SIGTERM
+        process.terminate()
+        try:
+            process.wait(timeout=self.term_wait_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    def _after_signal(self, sig: signal.Signals) -> None:
+        """Hook: wait until the process is in the state `sig` asked for (default: no wait)."""
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self.port not in SHARED_PORTS, "never signal a shared service"
+        assert self.process is not None
+        self.process.send_signal(sig)  # by pid: only the process this object started
+
+
+class RedisProcess(PrivateServer):
     """A private redis-server on a free loopback port, with its data in `workdir`.
 
-    No automatic persistence (like the compose file's Redis); `snapshot()` writes dump.rdb on
-    demand, and `restart()` on the same port loads it when it exists, as a Redis with RDB
-    persistence would after a crash.
+    No automatic persistence by default; `snapshot()` writes dump.rdb on demand, and
+    `restart()` on the same port loads it when it exists, as a Redis with RDB persistence
+    would after a crash. Subclasses change `persistence()` (the broker's append-only file).
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -110,7 +176,7 @@ class RedisProcess:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process = None
         self.stopped = False
         self.start()
 
@@ -118,10 +184,8 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+    def persistence(self) -> list[str]:
+        return ["--dbfilename", "dump.rdb", "--appendonly", "no"]
 
     def start(self) -> None:
         assert self.port not in SHARED_PORTS
@@ -131,9 +195,8 @@ class RedisProcess:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--dir", str(self.workdir),
-                "--dbfilename", "dump.rdb",
                 "--save", "",
-                "--appendonly", "no",
+                *self.persistence(),
                 "--daemonize", "no",
                 "--loglevel", "warning",
                 "--logfile", str(self.workdir / "redis.log"),
@@ -145,7 +208,7 @@ class RedisProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            if _pings(self.port):
+            if _pings(self.port):  # a Redis still loading its data answers -LOADING, not PONG
                 return
             time.sleep(0.02)
         self.close()
@@ -163,45 +226,6 @@ class RedisProcess:
             client.save()
         finally:
             client.close()
-
-    def stop(self) -> None:
-        """SIGSTOP: the peer hangs with its sockets open (the worst case for timeouts)."""
-        self._signal(signal.SIGSTOP)
-        self.stopped = True
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-        self.stopped = False
-
-    def kill(self) -> None:
-        """SIGKILL: connections are refused from now on."""
-        if self.process is not None and self.process.poll() is None:
-            self._signal(signal.SIGKILL)
-            self.process.wait(timeout=5)
-        self.stopped = False
-
-    def restart(self) -> None:
-        """Start again on the same port (after `kill`)."""
-        self.kill()
-        self.start()
-
-    def close(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        if self.stopped:
-            self.resume()  # a stopped process would not act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        assert self.port not in SHARED_PORTS, "never signal a shared service"
-        assert self.process is not None
-        self.process.send_signal(sig)  # by pid: only the process this object started
 
 
 # -- the demo site (one per test session) ----------------------------------------------------

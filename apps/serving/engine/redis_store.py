@@ -118,14 +118,9 @@ class RedisCandidateStore:
     def get_user_lists(self, user_id: int, channels: Sequence[str]) -> dict[str, ScoredList]:
         """Candidate lists for `user_id` from the named channels (one HMGET); channels with
         no list are left out, so an unknown user gives an empty dict."""
-        if not channels:
-            return {}
-        key = _key(self.prefix, self.version, "u", user_id)
-        values = self._run(self.client.hmget, key, list(channels))
         return {
-            channel: decode_list(value)
-            for channel, value in zip(channels, values, strict=True)
-            if value is not None
+            channel: list(zip(ids.tolist(), scores.tolist(), strict=True))
+            for channel, (ids, scores) in self.get_user_arrays(user_id, channels).items()
         }
 
     def get_user_arrays(
