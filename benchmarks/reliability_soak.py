@@ -78,7 +78,8 @@ class PipelineLoop:
         self._stop.set()
         if self._current is not None and self._current.poll() is None:
             self._current.terminate()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():  # never started with --no-pipeline
+            self._thread.join(timeout=60)
 
     def _loop(self) -> None:
         with self.log.open("ab") as out:
