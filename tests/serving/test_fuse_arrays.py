@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from apps.pipeline import features as ft
-from apps.serving.engine.rank import CandidateSet, fuse_arrays, fuse_lists
+from apps.serving.engine.rank import CandidateSet, fuse_arrays, fuse_lists, pair_arrays
 
 
 def _random_lists(rng: np.random.Generator) -> dict[str, list[tuple[int, float]]]:
@@ -29,10 +29,7 @@ def _random_lists(rng: np.random.Generator) -> dict[str, list[tuple[int, float]]
 
 
 def _arrays(lists):  # type: ignore[no-untyped-def]
-    return {
-        c: (np.array([i for i, _ in v], dtype=np.int64), np.array([s for _, s in v], np.float32))
-        for c, v in lists.items()
-    }
+    return {c: pair_arrays(v) for c, v in lists.items()}
 
 
 @pytest.mark.parametrize("seed", range(40))

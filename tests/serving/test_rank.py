@@ -16,7 +16,13 @@ from apps.pipeline import demo
 from apps.pipeline.train import ranker as rk
 from apps.pipeline.train.recall import RECALLERS
 from apps.pipeline.train.trainer import TrainConfig, train_bundle
-from apps.serving.engine.rank import Ranker, RankerLoadError, fuse_lists, has_ranker
+from apps.serving.engine.rank import (
+    Ranker,
+    RankerLoadError,
+    fuse_lists,
+    has_ranker,
+    pair_arrays,
+)
 from apps.serving.engine.recommend import Options, Stores, for_you
 from apps.serving.engine.snapshot import SnapshotError, load_snapshot
 from apps.serving.engine.sources import Source
@@ -74,10 +80,7 @@ class FakeRedis:
         return self.lists.get(user_id, {})
 
     def get_user_arrays(self, user_id: int, channels):  # type: ignore[no-untyped-def]
-        return {
-            c: (np.array([i for i, _ in v], np.int64), np.array([s for _, s in v], np.float32))
-            for c, v in self.lists.get(user_id, {}).items()
-        }
+        return {c: pair_arrays(v) for c, v in self.lists.get(user_id, {}).items()}
 
 
 def _some_user(user_lists) -> tuple[int, dict[str, list[tuple[int, float]]]]:  # type: ignore[no-untyped-def]
@@ -315,10 +318,7 @@ def test_serving_builds_training_s_feature_rows_for_the_same_user(bundle: Path, 
     checked = 0
     for user in [u for u in ranker.builder.user_ids_.tolist() if u in published][:15]:
         pairs = candidate_pairs(channels, np.array([user]), config)
-        arrays = {
-            c: (np.array([i for i, _ in v], np.int64), np.array([s for _, s in v], np.float32))
-            for c, v in published[user].items()
-        }
+        arrays = {c: pair_arrays(v) for c, v in published[user].items()}
         candidates = fuse_arrays(arrays, config.channel_weights, MAX_CANDIDATES)
         assert candidates.ids.tolist() == pairs["item_id"].tolist()
         served = ranker.features(user, candidates, NOW)

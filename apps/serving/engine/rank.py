@@ -222,6 +222,13 @@ def fuse_arrays(
     )
 
 
+def pair_arrays(pairs: Sequence[tuple[int, float]]) -> ChannelArrays:
+    """One channel's `(item_id, score)` pairs as `(int64 ids, float32 scores)` arrays."""
+    ids = np.fromiter((int(i) for i, _ in pairs), dtype=np.int64, count=len(pairs))
+    scores = np.fromiter((float(s) for _, s in pairs), dtype=np.float32, count=len(pairs))
+    return ids, scores
+
+
 def fuse_lists(
     lists: Mapping[str, Sequence[tuple[int, float]]],
     weights: Mapping[str, float] | None = None,
@@ -229,12 +236,7 @@ def fuse_lists(
 ) -> list[Candidate]:
     """`fuse_arrays` over `(item_id, score)` lists, as `(item_id, fused score, channel,
     hits)` tuples with `hits` the candidate's `(score, rank)` per channel that recalled it."""
-    per: dict[str, ChannelArrays] = {}
-    for channel, pairs in lists.items():
-        if pairs:
-            ids = np.fromiter((int(i) for i, _ in pairs), dtype=np.int64, count=len(pairs))
-            scores = np.fromiter((float(s) for _, s in pairs), dtype=np.float32, count=len(pairs))
-            per[channel] = (ids, scores)
+    per = {channel: pair_arrays(pairs) for channel, pairs in lists.items() if pairs}
     if not per:
         return []
     from apps.pipeline.train.recall import fuse

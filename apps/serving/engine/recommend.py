@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from apps.serving.engine.degrade import Deadline, Outcome, StepCounter, recommend_with_fallback
-from apps.serving.engine.rank import MAX_CANDIDATES, ChannelArrays, fuse_arrays
+from apps.serving.engine.rank import MAX_CANDIDATES, ChannelArrays, fuse_arrays, pair_arrays
 from apps.serving.engine.redis_store import RedisCandidateStore
 from apps.serving.engine.snapshot import ServingSnapshot
 from apps.serving.engine.sources import Source, StoreUnavailable, Unavailable
@@ -166,10 +166,7 @@ def _as_arrays(lists: Mapping[str, ChannelCandidates]) -> dict[str, ChannelArray
         if _is_arrays(value):
             out[channel] = value  # type: ignore[assignment]
         elif value:
-            pairs = list(value)  # type: ignore[arg-type]
-            ids = np.fromiter((int(i) for i, _ in pairs), dtype=np.int64, count=len(pairs))
-            scores = np.fromiter((float(s) for _, s in pairs), dtype=np.float32, count=len(pairs))
-            out[channel] = (ids, scores)
+            out[channel] = pair_arrays(list(value))  # type: ignore[arg-type]
     return out
 
 
