@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.reliability.serving_fixtures import (
+    BATCH_PRIORITY,
     REPO,
     STATUS,
     VERSION,
@@ -56,8 +57,8 @@ OUT = REPO / "benchmarks" / "results" / "reliability_soak.json"
 OVERLOAD_RESULT = REPO / "benchmarks" / "results" / "reliability_overload.json"
 
 
-# How the parallel pipeline runs: an idle-priority batch job (util-linux chrt), else nice 19.
-PIPELINE_PRIORITY = ["chrt", "--idle", "0"] if shutil.which("chrt") else ["nice", "-n", "19"]
+# The parallel pipeline runs as a batch job, like the registry operator.
+PIPELINE_PRIORITY = BATCH_PRIORITY
 
 
 class PipelineLoop:

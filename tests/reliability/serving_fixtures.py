@@ -580,9 +580,16 @@ def running_server(
 # -- registry actions -----------------------------------------------------------------------
 
 
+# How operator and batch work runs beside the server under test: an idle-priority job
+# (util-linux chrt), else nice 19. In production it runs on another host (admin, Celery
+# worker); on these 2 cores, at normal priority, a promotion's gates (~2 s of one core scoring
+# candidate and primary) take CPU from the 2 serving workers and make them shed.
+BATCH_PRIORITY = ["chrt", "--idle", "0"] if shutil.which("chrt") else ["nice", "-n", "19"]
+
+
 class RegistryOperator:
-    """`registry_ops serve` with the server's environment: Django is set up before the load,
-    so only the action itself runs during it."""
+    """`registry_ops serve` with the server's environment, at batch priority: Django is set
+    up before the load, so only the action itself runs during it."""
 
     def __init__(self, server: Server) -> None:
         env = dict(server.env)
@@ -590,7 +597,7 @@ class RegistryOperator:
         # while the load runs; the gate is not what the scenarios test.
         env["RECO_SMOKE_P95_MS"] = "2000"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.registry_ops", "serve"],
+            [*BATCH_PRIORITY, sys.executable, "-m", "tests.reliability.registry_ops", "serve"],
             cwd=REPO,
             env=env,
             stdin=subprocess.PIPE,
