@@ -595,3 +595,35 @@ def test_features_on_demo_data_are_finite_and_informative(demo_frames):
     assert active.sum() >= 10
     shares = users_table.loc[active, "user_top_category_share"]
     assert ((shares > 0) & (shares <= 1)).all()
+
+
+def test_one_user_s_rows_equal_the_same_rows_computed_among_other_users(demo_frames):
+    # Given a builder on demo data, and each of 15 users with every item, recall columns
+    # (NaN, inf, repeats) and a repeated item: a request's shape
+    builder = FeatureBuilder(cutoff=demo_frames["interactions"]["ts"].max()).fit(demo_frames)
+    items = np.concatenate([builder.item_ids_, builder.item_ids_[:3], [999_999]])
+    rng = np.random.default_rng(3)
+    other = int(builder.user_ids_[-1])
+    for user in builder.user_ids_[:15]:
+        n = len(items)
+        score = rng.random(n)
+        score[rng.random(n) < 0.1] = np.nan
+        score[rng.random(n) < 0.05] = np.inf
+        rank = rng.integers(-1, 300, n).astype(np.float64)
+        single = {
+            "user_id": np.full(n, user),
+            "item_id": items,
+            "recall_score_itemcf": score,
+            "recall_rank_itemcf": rank,
+            "recall_score_ease": rng.random(n) * 3,
+            "fused_rank": np.arange(1, n + 1, dtype=np.float64),
+        }
+        # When the same rows are built alone (the one-user paths) and below another user's
+        # rows (the general paths)
+        alone, _ = builder.transform_pairs(single)
+        mixed = {key: np.concatenate([value[:5], value]) for key, value in single.items()}
+        mixed["user_id"] = np.concatenate([np.full(5, other), single["user_id"]])
+        together, _ = builder.transform_pairs(mixed)
+        # Then every feature is bit-identical (the other user's rows change nothing here)
+        np.testing.assert_array_equal(alone, together[5:])
+    assert (alone[:, list(FEATURE_NAMES).index("ui_covisit_score")] > 0).any()
