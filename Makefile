@@ -19,8 +19,9 @@ PROM_DIR ?= var/prometheus
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
 
-system-deps:  ## install Debian packages: MySQL client headers (mysqlclient), Chromium + ChromeDriver (admin browser tests), promtool/amtool (monitoring config tests); needs root
+system-deps:  ## install Debian packages: a C compiler and MySQL client headers (mysqlclient; benchmarks/loadgen), Chromium + ChromeDriver (admin browser tests), promtool/amtool (monitoring config tests); needs root
 	@missing=""; \
+	command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
 	pkg-config --exists mysqlclient 2>/dev/null || pkg-config --exists libmariadb 2>/dev/null || missing="$$missing libmariadb-dev pkg-config"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
