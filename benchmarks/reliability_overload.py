@@ -7,7 +7,7 @@ latency recovers within 10 s after the spike.
 Steps, all on one machine in one run (ratios are what to compare; PERFORMANCE.md):
 1. a trained demo site (or `--site DIR` from an earlier run), a private redis-server with the
    bundle published, gunicorn with gunicorn.conf.py (2 sync workers);
-2. capacity: open-loop steps (benchmarks/serving_load.py's generator) against the server
+2. capacity: open-loop steps (benchmarks/loadgen's C generator, else serving_load's) against the server
    with shedding OFF; capacity = the highest step served at >= 98 % of the offered rate with
    p99 <= 250 ms;
 3. normal p99 at half the capacity, shedding ON (the production configuration);
@@ -40,6 +40,7 @@ from tests.reliability.serving_fixtures import (
     RedisProcess,
     Server,
     build_demo_site,
+    generator_name,
     load_demo_site,
     percentile,
     run_load,
@@ -146,7 +147,7 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=6.0)
     parser.add_argument(
         "--steps",
-        default="100,150,200,250,300,350,400,500,600,800,1000",
+        default="100,150,200,250,300,350,400,500,600,800,1000,1200,1500",
         help="open-loop rates tried, in order, until one is not kept up",
     )
     parser.add_argument("--capacity", type=float, help="skip the search: use this capacity")
@@ -171,7 +172,7 @@ def main() -> int:
         "command": " ".join(["python -m benchmarks.reliability_overload", *sys.argv[1:]]),
         "server": "gunicorn.conf.py, 2 sync workers, private Redis, demo bundle",
         "generator": {
-            "kind": "benchmarks/serving_load.py open loop, second process",
+            "kind": generator_name(),
             "connections": CONNECTIONS,
             "client_timeout_s": CLIENT_TIMEOUT_S,
         },

@@ -8,7 +8,8 @@ open file descriptors and Redis connections flat.
 
 Set-up: a trained demo site (or `--site DIR`; the pipeline runs write into it), a private
 redis-server with both registered versions published, gunicorn with gunicorn.conf.py
-(2 sync workers). While benchmarks/serving_load.py's open-loop generator runs:
+(2 sync workers). While the open-loop generator runs (benchmarks/loadgen's C one, else
+serving_load's):
 - every `--promote-every` seconds a separate Django process alternately promotes the candidate
   and rolls back (`model_version_promote` / `model_version_rollback`, every gate);
 - `manage.py run_pipeline --kind full` runs back to back in another process (SCHED_IDLE via
@@ -47,6 +48,7 @@ from tests.reliability.serving_fixtures import (
     RegistryOperator,
     Server,
     build_demo_site,
+    generator_name,
     load_demo_site,
     percentile,
     run_load,
@@ -259,6 +261,7 @@ def main() -> int:
         "rate_rps": rate,
         "duration_s": args.duration,
         "server": "gunicorn.conf.py, 2 sync workers, private Redis, demo bundle",
+        "generator": generator_name(),
         "whole_run": whole,
         "p99_first_ms": p99_first,
         "p99_last_ms": p99_last,
