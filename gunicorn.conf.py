@@ -50,6 +50,11 @@ def post_worker_init(worker):
     from django.urls import get_resolver
 
     get_resolver().url_patterns  # noqa: B018 - the attribute access imports every view module
+    # Overload shedding reads each request's queueing delay from the kernel's receive
+    # timestamp (microseconds) instead of TCP_INFO's 4 ms steps (apps/serving/shedding.py).
+    from apps.serving.shedding import install_arrival_timestamps
+
+    install_arrival_timestamps(worker)
     gc.collect()
     gc.freeze()
 

@@ -5,9 +5,14 @@ where the application cannot see it: at twice the capacity the queue, and every 
 latency, grows until clients time out. Two signals let a worker refuse work it cannot do in
 time, before Django, DRF, Redis or the ranker spend anything on it:
 
-- Queueing delay: how long the request's bytes waited in the kernel before a worker took them,
+- Queueing delay: how long the request's bytes waited in the kernel before a worker took them.
+  Under gunicorn sync workers (`gunicorn.conf.py` calls `install_arrival_timestamps`) the
+  listening socket has `SO_TIMESTAMPNS` on, so the kernel stamps every received segment, and
+  the worker peeks at the first byte of each accepted connection (`MSG_PEEK`: one syscall,
+  nothing consumed) to read when the request arrived, to the microsecond. Elsewhere it is
   read from the connection's `TCP_INFO` (`tcpi_last_data_recv`: milliseconds since the last
-  segment arrived, in jiffies, 4 ms here; Linux). The policy is CoDel's: a burst that drains
+  segment arrived, in jiffies: 4 ms steps here, too coarse for a 1-5 ms target: a request
+  that waited 4.1 ms reads 8; Linux). The policy is CoDel's: a burst that drains
   within the interval (the 150 ms a worker spends on 3 Redis timeouts while its breaker
   opens) is served, not shed; a standing queue, every request above `SHED_QUEUE_TARGET_MS`
   for `SHED_QUEUE_INTERVAL_MS`, switches the process to shedding every request that waited
@@ -26,13 +31,14 @@ an operator must be able to see and act on an overloaded server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -49,7 +55,7 @@ SHED = Counter(
 
 DEFAULTS: dict[str, Any] = {
     "SHED_ENABLED": True,
-    "SHED_QUEUE_TARGET_MS": 5.0,
+    "SHED_QUEUE_TARGET_MS": 1.0,
     "SHED_QUEUE_INTERVAL_MS": 200.0,
     "SHED_MAX_IN_FLIGHT": 0,
     "SHED_RETRY_AFTER_SECONDS": 1,
@@ -66,13 +72,185 @@ _LAST_DATA_RECV_OFFSET = 52
 _TCP_INFO_BYTES = 104
 
 
+# SO_TIMESTAMPNS (linux/asm-generic/socket.h) when the socket module lacks the name.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("=qq")
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 64
+# What the worker's thread noted at accept: (the connection, its first byte's arrival time).
+_arrival = threading.local()
+
+
+def install_arrival_timestamps(worker: Any) -> bool:
+    """Make a gunicorn sync worker decide each request's admission as it accepts it.
+
+    Sets `SO_TIMESTAMPNS` on the worker's listening sockets (accepted connections inherit
+    it) and wraps `worker.handle`, which the sync worker calls with each accepted connection
+    before it reads the request: `admit_connection` peeks at the request's first bytes and
+    their receive stamp, and a request the standing queue refuses gets its 503 written
+    straight to the socket, before gunicorn parses it or Django builds a request (about a
+    tenth of the CPU of a 503 from the middleware: under a 2x overload half the requests are
+    shed, and what they cost is taken from the ones being served). False (nothing changed)
+    for other workers or where the option is refused; the middleware then decides alone,
+    from `TCP_INFO`.
+    """
+    handle = getattr(worker, "handle", None)
+    sockets = getattr(worker, "sockets", None)
+    if handle is None or not sockets or type(worker).__name__ != "SyncWorker":
+        return False
+    try:
+        for listener in sockets:
+            listener.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except (OSError, AttributeError) as exc:
+        logger.warning("shedding: no kernel receive timestamps (%s); using TCP_INFO", exc)
+        return False
+    gate = ConnectionGate.from_settings()
+
+    def admitting_handle(listener: Any, client: socket.socket, addr: Any) -> Any:
+        if not gate.admit_connection(client):
+            return None
+        return handle(listener, client, addr)
+
+    worker.handle = admitting_handle
+    return True
+
+
+# How much of a request the gate peeks at: the method and enough of the path to tell an
+# exempt path (EXEMPT_PATHS) from the API.
+_PEEK_BYTES = 64
+_ADMITTED = -1.0  # `_arrival.value[1]` once the gate admitted the request itself
+
+
+class ConnectionGate:
+    """The worker-level half of the shedding: one StandingQueue per process, fed with the
+    kernel's receive stamp of each accepted connection (`admit_connection`)."""
+
+    def __init__(self, queue: StandingQueue | None, retry_after: str) -> None:
+        self.queue = queue
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_settings(cls) -> ConnectionGate:
+        target = float(_option("SHED_QUEUE_TARGET_MS"))
+        enabled = bool(_option("SHED_ENABLED")) and target > 0
+        queue = StandingQueue(target, float(_option("SHED_QUEUE_INTERVAL_MS"))) if enabled else None
+        return cls(queue, str(max(1, int(_option("SHED_RETRY_AFTER_SECONDS")))))
+
+    def admit_connection(self, client: socket.socket) -> bool:
+        """False when the request was refused here (503 written, connection closed).
+
+        Notes the arrival for `queue_ms` when this gate cannot decide (no bytes yet, no
+        stamp, a request line it cannot read): the middleware then decides.
+        """
+        _arrival.value = None
+        head, arrived = peek_arrival(client)
+        if arrived is None:
+            return True
+        waited = max(0.0, (time.time() - arrived) * 1000.0)  # the kernel stamps realtime
+        path = _request_path(head)
+        if self.queue is None or path is None:
+            _arrival.value = (client, arrived)
+            return True
+        if path.startswith(EXEMPT_PATHS):
+            return True
+        if _loading_a_model():
+            self.queue.reset()
+            _arrival.value = (client, _ADMITTED)
+            return True
+        if self.queue.admit(waited):
+            _arrival.value = (client, _ADMITTED)
+            return True
+        SHED.labels(reason="queue_time").inc()
+        _refuse(client, waited, self.retry_after)
+        return False
+
+
+def peek_arrival(client: socket.socket) -> tuple[bytes, float | None]:
+    """The first bytes waiting on `client` and when the first of them reached the kernel (its
+    receive timestamp; None when nothing is there yet or there is no stamp), read with a
+    non-consuming peek."""
+    try:
+        data, ancillary, _, _ = client.recvmsg(
+            _PEEK_BYTES, _ANCILLARY_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT
+        )
+    except OSError:  # nothing there yet (it was not queued), or the peer is gone
+        return b"", None
+    for level, kind, stamp in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(stamp) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(stamp)
+            return data, seconds + nanoseconds / 1e9
+    return data, None
+
+
+def note_arrival(client: socket.socket) -> None:
+    """Remember `client`'s receive stamp for this thread's next `queue_ms` (no decision)."""
+    _, arrived = peek_arrival(client)
+    _arrival.value = None if arrived is None else (client, arrived)
+
+
+def _request_path(head: bytes) -> str | None:
+    """The (start of the) path of an origin-form request line, else None."""
+    method, space, rest = head.partition(b" ")
+    if not space or not method.isalpha() or not rest.startswith(b"/"):
+        return None
+    return rest.split(b" ", 1)[0].decode("latin-1")
+
+
+def shed_body(reason: str, waited_ms: float | None) -> bytes:
+    """The JSON of a shed request's 503 (the middleware's and the gate's)."""
+    body: dict[str, Any] = {
+        "error": "overloaded",
+        "detail": "The server is over capacity; retry after the given delay.",
+        "reason": reason,
+    }
+    if waited_ms is not None:
+        body["queued_ms"] = round(waited_ms)
+    return json.dumps(body).encode()
+
+
+def _refuse(client: socket.socket, waited_ms: float, retry_after: str) -> None:
+    """Answer 503 + Retry-After on the raw connection and close it."""
+    body = shed_body("queue_time", waited_ms)
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {retry_after}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    # Read what the client sent: closing with unread bytes would reset the connection and
+    # the client could lose the 503 with it.
+    with contextlib.suppress(OSError):
+        client.recv(65536, socket.MSG_DONTWAIT)
+    try:
+        client.sendall(head + body)
+    except OSError:
+        pass  # the client left: nothing to answer
+    finally:
+        client.close()
+
+
+def _admitted_by_gate(environ: dict[str, Any]) -> bool:
+    """Whether the worker's ConnectionGate already admitted this request (once)."""
+    noted = getattr(_arrival, "value", None)
+    if noted is not None and noted[1] == _ADMITTED and noted[0] is environ.get("gunicorn.socket"):
+        _arrival.value = None
+        return True
+    return False
+
+
 def queue_ms(environ: dict[str, Any]) -> float | None:
-    """Milliseconds since the request's last bytes reached the kernel, or None when unknown.
+    """Milliseconds since the request's bytes reached the kernel, or None when unknown.
 
     Read when the request reaches the application, this is the time it waited for a worker
-    (the backlog, or a threaded worker's queue) plus the worker's own parse time.
+    (the backlog, or a threaded worker's queue) plus the worker's own parse time: from the
+    receive timestamp `note_arrival` took (microseconds), else from `TCP_INFO` (4 ms steps).
     """
     sock = environ.get("gunicorn.socket")
+    noted = getattr(_arrival, "value", None)
+    if noted is not None and sock is not None and noted[0] is sock and noted[1] != _ADMITTED:
+        _arrival.value = None
+        # The kernel stamps with the realtime clock.
+        return max(0.0, (time.time() - noted[1]) * 1000.0)
     if _TCP_INFO is None or sock is None:
         return None
     try:
@@ -106,6 +284,11 @@ class StandingQueue:
         self._above_since: float | None = None  # first of an unbroken run of late requests
         self._last_above = float("-inf")
 
+    def reset(self) -> None:
+        """Forget the current run of late requests and stop shedding."""
+        self.shedding = False
+        self._above_since = None
+
     def admit(self, waited_ms: float) -> bool:
         now = self._clock()
         if self.shedding and now - self._last_above >= self.interval_s:
@@ -120,6 +303,41 @@ class StandingQueue:
         if not self.shedding and now - self._above_since >= self.interval_s:
             self.shedding = True
         return not self.shedding
+
+
+# While this process loads a model bundle, and for LOAD_GRACE_S after, queueing delay is not
+# read as overload (see `model_loading`).
+LOAD_GRACE_S = 1.0
+_loads_lock = threading.Lock()
+_loads_running = 0
+_quiet_until = 0.0
+
+
+@contextlib.contextmanager
+def model_loading() -> Iterator[None]:
+    """Mark a bundle load in this process (a promotion, a rollback, a canary).
+
+    The load runs off the request path, but for about a second it competes with the requests
+    for the GIL and the cores, so they queue a few milliseconds longer than the target for
+    longer than the interval: to CoDel, a standing queue. That is a slowdown the process
+    caused itself and that ends on its own, not more traffic than it can serve; shedding on
+    it refused requests at a tenth of the capacity during promotions
+    (tests/reliability/test_promotion_under_load.py). So the queue is not judged while a load
+    runs and for LOAD_GRACE_S after (the backlog drains); the in-flight limit still applies.
+    """
+    global _loads_running, _quiet_until
+    with _loads_lock:
+        _loads_running += 1
+    try:
+        yield
+    finally:
+        with _loads_lock:
+            _loads_running -= 1
+            _quiet_until = time.monotonic() + LOAD_GRACE_S
+
+
+def _loading_a_model() -> bool:
+    return _loads_running > 0 or time.monotonic() < _quiet_until
 
 
 def _option(name: str) -> Any:
@@ -144,10 +362,13 @@ class SheddingMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if not self.enabled or request.path.startswith(EXEMPT_PATHS):
             return self.get_response(request)
-        if self.queue is not None:
-            waited = queue_ms(request.META)
-            if waited is not None and not self.queue.admit(waited):
-                return self.shed("queue_time", waited)
+        if self.queue is not None and not _admitted_by_gate(request.META):
+            if _loading_a_model():
+                self.queue.reset()
+            else:
+                waited = queue_ms(request.META)
+                if waited is not None and not self.queue.admit(waited):
+                    return self.shed("queue_time", waited)
         if self.max_in_flight <= 0:
             return self.get_response(request)
         with self._lock:
@@ -164,14 +385,9 @@ class SheddingMiddleware:
 
     def shed(self, reason: str, waited_ms: float | None) -> HttpResponse:
         SHED.labels(reason=reason).inc()
-        body = {
-            "error": "overloaded",
-            "detail": "The server is over capacity; retry after the given delay.",
-            "reason": reason,
-        }
-        if waited_ms is not None:
-            body["queued_ms"] = round(waited_ms)
-        response = HttpResponse(json.dumps(body), status=503, content_type="application/json")
+        response = HttpResponse(
+            shed_body(reason, waited_ms), status=503, content_type="application/json"
+        )
         response["Retry-After"] = self.retry_after
         # Django logs every 5xx at ERROR ("Service Unavailable"): at 2x capacity that is
         # hundreds of lines a second, written while the worker is already behind. A shed is

@@ -35,7 +35,7 @@ from django.db import close_old_connections
 from apps.experiments.bucketing import ExperimentsSnapshot, bucket
 from apps.experiments.selectors import experiments_config_version, experiments_snapshot
 from apps.models.selectors import model_version_servable, model_version_serving_state
-from apps.serving import metrics
+from apps.serving import metrics, shedding
 from apps.serving.engine.breaker import CircuitBreaker
 from apps.serving.engine.degrade import Deadline
 from apps.serving.engine.recommend import Stores
@@ -256,7 +256,8 @@ class ServingState:
         if not bundle.is_absolute():
             bundle = Path(settings.BASE_DIR) / bundle
         try:
-            snapshot = self._loader(bundle, version)
+            with shedding.model_loading():
+                snapshot = self._loader(bundle, version)
         except SnapshotError:
             metrics.MODEL_LOAD_FAILURES.inc()
             logger.exception("serving: cannot load %s; keeping what serves now", version)

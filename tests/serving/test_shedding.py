@@ -15,7 +15,16 @@ from django.http import HttpResponse
 from django.test import RequestFactory
 from prometheus_client import REGISTRY
 
-from apps.serving.shedding import SheddingMiddleware, StandingQueue, queue_ms
+from apps.serving import shedding
+from apps.serving.shedding import (
+    ConnectionGate,
+    SheddingMiddleware,
+    StandingQueue,
+    _admitted_by_gate,
+    install_arrival_timestamps,
+    note_arrival,
+    queue_ms,
+)
 
 
 class FakeTcpSocket:
@@ -220,7 +229,7 @@ def test_the_middleware_runs_first_in_the_django_stack(settings) -> None:
     assert settings.MIDDLEWARE[0] == "apps.serving.shedding.SheddingMiddleware"
     # and its defaults are the documented ones
     assert settings.RECO["SHED_ENABLED"] is True
-    assert settings.RECO["SHED_QUEUE_TARGET_MS"] == 5.0
+    assert settings.RECO["SHED_QUEUE_TARGET_MS"] == 1.0
     assert settings.RECO["SHED_QUEUE_INTERVAL_MS"] == 200.0
 
 
@@ -238,3 +247,122 @@ def test_a_shed_request_through_django_is_a_503_that_is_not_logged_as_an_error(
     assert response["Retry-After"] == "1"
     assert response.json()["error"] == "overloaded"
     assert [r for r in caplog.records if r.name == "django.request"] == []
+
+
+class SyncWorker:
+    """The two attributes of gunicorn's sync worker that `install_arrival_timestamps` uses."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.sockets = [type("Listener", (), {"sock": listener})()]
+
+    def handle(self, listener, client, addr) -> None:  # type: ignore[no-untyped-def]
+        raise AssertionError("replaced by the gate")
+
+
+@pytest.fixture
+def stamped_listener():  # type: ignore[no-untyped-def]
+    """A loopback listener with kernel receive timestamps on, as the gate sets it up."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        assert install_arrival_timestamps(SyncWorker(listener))
+        yield listener
+
+
+def queued(listener: socket.socket, request: bytes, wait_s: float):  # type: ignore[no-untyped-def]
+    """A client that sent `request`, and the server side accepted `wait_s` later."""
+    client = socket.create_connection(listener.getsockname())
+    client.sendall(request)
+    time.sleep(wait_s)
+    conn, _ = listener.accept()
+    return client, conn
+
+
+def test_the_gate_answers_503_itself_before_the_request_is_parsed(stamped_listener) -> None:  # type: ignore[no-untyped-def]
+    # Given a process already shedding (interval 0: the first late request starts it)
+    gate = ConnectionGate(StandingQueue(5.0, 0.0), "2")
+    client, conn = queued(stamped_listener, b"GET /api/v1/popular HTTP/1.1\r\n\r\n", 0.03)
+    # When the request that waited 30 ms in the backlog is accepted
+    with client:
+        assert gate.admit_connection(conn) is False
+        answer = client.recv(4096)
+    # Then the client got the 503 on the raw connection, which the gate closed
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"Retry-After: 2" in head
+    document = json.loads(body)
+    assert document["reason"] == "queue_time"
+    assert document["queued_ms"] >= 30
+    assert conn.fileno() == -1
+
+
+def test_the_gate_admits_exempt_paths_and_requests_below_the_target(stamped_listener) -> None:  # type: ignore[no-untyped-def]
+    shedding = ConnectionGate(StandingQueue(5.0, 0.0), "1")
+    lenient = ConnectionGate(StandingQueue(10_000.0, 0.0), "1")
+    # Given requests that waited 30 ms: one for /health, one for the API
+    health, health_conn = queued(stamped_listener, b"GET /health HTTP/1.1\r\n\r\n", 0.03)
+    api, api_conn = queued(stamped_listener, b"GET /api/v1/popular HTTP/1.1\r\n\r\n", 0.03)
+    with health, health_conn, api, api_conn:
+        # Then /health is admitted even by a shedding gate, undecided for the middleware
+        assert shedding.admit_connection(health_conn) is True
+        assert not _admitted_by_gate({"gunicorn.socket": health_conn})
+        # and the API request is admitted under a 10 s target, marked as decided once
+        assert lenient.admit_connection(api_conn) is True
+        assert _admitted_by_gate({"gunicorn.socket": api_conn})
+        assert not _admitted_by_gate({"gunicorn.socket": api_conn})
+        # and gunicorn still finds the whole request on the socket
+        assert api_conn.recv(100) == b"GET /api/v1/popular HTTP/1.1\r\n\r\n"
+
+
+def test_queue_ms_uses_the_kernel_receive_stamp_to_the_microsecond(stamped_listener) -> None:  # type: ignore[no-untyped-def]
+    client, conn = queued(stamped_listener, b"GET / HTTP/1.1\r\n\r\n", 0.03)
+    late = socket.create_connection(stamped_listener.getsockname())
+    late_conn, _ = stamped_listener.accept()
+    with client, conn, late, late_conn:
+        note_arrival(conn)
+        stamped = queue_ms({"gunicorn.socket": conn})
+        # a connection whose bytes arrive after the peek falls back to TCP_INFO
+        note_arrival(late_conn)
+        late.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        time.sleep(0.01)
+        fallback = queue_ms({"gunicorn.socket": late_conn})
+    assert stamped is not None
+    assert 30.0 <= stamped < 30_000
+    assert stamped != round(stamped)  # sub-millisecond, unlike tcpi_last_data_recv's steps
+    assert fallback is not None
+    assert fallback == round(fallback)
+
+
+def test_only_gunicorn_s_sync_worker_gets_the_gate() -> None:
+    class ThreadWorker(SyncWorker):
+        pass
+
+    with socket.socket() as listener:
+        worker = ThreadWorker(listener)
+        original = worker.handle
+        assert not install_arrival_timestamps(worker)
+        assert worker.handle == original
+    with socket.socket() as listener:
+        worker = SyncWorker(listener)
+        assert install_arrival_timestamps(worker)
+        assert worker.handle.__name__ == "admitting_handle"
+        assert listener.getsockopt(socket.SOL_SOCKET, shedding._SO_TIMESTAMPNS) == 1
+
+
+def test_queueing_while_the_process_loads_a_model_is_not_shed(
+    stamped_listener, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Given a gate that would shed the first late request (interval 0), and no grace period
+    monkeypatch.setattr(shedding, "LOAD_GRACE_S", 0.0)
+    gate = ConnectionGate(StandingQueue(5.0, 0.0), "1")
+    request = b"GET /api/v1/popular HTTP/1.1\r\n\r\n"
+    # When a request waited 30 ms while this process was loading a bundle
+    client, conn = queued(stamped_listener, request, 0.03)
+    with client, conn, shedding.model_loading():
+        during = gate.admit_connection(conn)
+    # Then it was admitted; the same wait after the load is shed
+    client, conn = queued(stamped_listener, request, 0.03)
+    with client:
+        after = gate.admit_connection(conn)
+    assert during is True
+    assert after is False
