@@ -13,7 +13,7 @@ DEMO_ACTIONS ?= 200000
 DEMO_SEED ?= 42
 PROM_DIR ?= var/prometheus
 
-.PHONY: help audit system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
+.PHONY: help audit serving-load system-deps venv migrate experiments demo-data pipeline admin-user demo-setup demo demo-check serve schedules worker beat \
         test lint format pytest check-sources clean-data benchmarks quality quality-movielens reliability
 
 help:  ## list targets
@@ -112,6 +112,13 @@ SOAK_SECONDS ?= 600
 reliability: venv  ## long serving runs: overload at 2x capacity (~6 min), soak at half of it for SOAK_SECONDS (600); JSON in benchmarks/results/
 	$(BIN)/python -m benchmarks.reliability_overload --site $(RELIABILITY_SITE)
 	$(BIN)/python -m benchmarks.reliability_soak --site $(RELIABILITY_SITE) --duration $(SOAK_SECONDS)
+
+SERVING_REDIS_URL ?= redis://127.0.0.1:6379/0
+SERVING_SWEEP ?= 450,600,750,900,1200,1500
+
+serving-load: venv  ## the API under open-loop load, full path beside a bare baseline, at 300 rps then SERVING_SWEEP (needs the demo: make demo-setup; publishes to SERVING_REDIS_URL); JSON in benchmarks/results/serving_load.json
+	REDIS_URL=$(SERVING_REDIS_URL) $(MANAGE) sync_redis
+	REDIS_URL=$(SERVING_REDIS_URL) $(BIN)/python -m benchmarks.serving_load --rate 300 --sweep $(SERVING_SWEEP) --duration 15
 
 benchmarks: venv  ## pipeline benchmarks (long; results in benchmarks/results/)
 	$(BIN)/python -m benchmarks.extract_throughput
