@@ -250,6 +250,9 @@ RECO = {
     "SHED_ENABLED": env_bool("RECO_SHED_ENABLED", default=True),
     "SHED_QUEUE_TARGET_MS": env_float("RECO_SHED_QUEUE_TARGET_MS", 1.0, minimum=0.0),
     "SHED_QUEUE_INTERVAL_MS": env_float("RECO_SHED_QUEUE_INTERVAL_MS", 200.0, minimum=1.0),
+    # ... and only when at least this many late requests reached the process in that run: a
+    # worker that saw a handful in 200 ms was idle, its requests late for want of CPU.
+    "SHED_QUEUE_MIN_LATE": env_int("RECO_SHED_QUEUE_MIN_LATE", 20, minimum=1),
     "SHED_MAX_IN_FLIGHT": env_int("RECO_SHED_MAX_IN_FLIGHT", 0, minimum=0),
     "SHED_RETRY_AFTER_SECONDS": env_int("RECO_SHED_RETRY_AFTER_SECONDS", 1, minimum=1),
     "SHADOW_SAMPLE": env_float("RECO_SHADOW_SAMPLE", 0.2, minimum=0.0),

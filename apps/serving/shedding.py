@@ -38,6 +38,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -57,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "SHED_ENABLED": True,
     "SHED_QUEUE_TARGET_MS": 1.0,
     "SHED_QUEUE_INTERVAL_MS": 200.0,
+    "SHED_QUEUE_MIN_LATE": 20,
     "SHED_MAX_IN_FLIGHT": 0,
     "SHED_RETRY_AFTER_SECONDS": 1,
 }
@@ -132,7 +134,7 @@ class ConnectionGate:
     def from_settings(cls) -> ConnectionGate:
         target = float(_option("SHED_QUEUE_TARGET_MS"))
         enabled = bool(_option("SHED_ENABLED")) and target > 0
-        queue = StandingQueue(target, float(_option("SHED_QUEUE_INTERVAL_MS"))) if enabled else None
+        queue = _standing_queue(target) if enabled else None
         return cls(queue, str(max(1, int(_option("SHED_RETRY_AFTER_SECONDS")))))
 
     def admit_connection(self, client: socket.socket) -> bool:
@@ -276,18 +278,27 @@ class StandingQueue:
         target_ms: float,
         interval_ms: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        min_late: int = 1,
     ) -> None:
         self.target_ms = target_ms
         self.interval_s = interval_ms / 1000.0
+        # A run of late requests is a standing queue only if the process was busy: at least
+        # `min_late` of them within the last interval. At 15 requests/s three late ones span
+        # 200 ms while the worker idles between them (late because something else had the
+        # CPU, not because requests queued for the worker).
+        self.min_late = max(1, int(min_late))
         self._clock = clock
         self.shedding = False
         self._above_since: float | None = None  # first of an unbroken run of late requests
+        self._recent_late: deque[float] = deque(maxlen=self.min_late)  # their times
         self._last_above = float("-inf")
 
     def reset(self) -> None:
         """Forget the current run of late requests and stop shedding."""
         self.shedding = False
         self._above_since = None
+        self._recent_late.clear()
 
     def admit(self, waited_ms: float) -> bool:
         now = self._clock()
@@ -300,7 +311,12 @@ class StandingQueue:
         self._last_above = now
         if self._above_since is None:
             self._above_since = now
-        if not self.shedding and now - self._above_since >= self.interval_s:
+        self._recent_late.append(now)
+        busy = (
+            len(self._recent_late) == self.min_late
+            and now - self._recent_late[0] <= self.interval_s
+        )
+        if not self.shedding and now - self._above_since >= self.interval_s and busy:
             self.shedding = True
         return not self.shedding
 
@@ -340,6 +356,14 @@ def _loading_a_model() -> bool:
     return _loads_running > 0 or time.monotonic() < _quiet_until
 
 
+def _standing_queue(target_ms: float) -> StandingQueue:
+    return StandingQueue(
+        target_ms,
+        float(_option("SHED_QUEUE_INTERVAL_MS")),
+        min_late=int(_option("SHED_QUEUE_MIN_LATE")),
+    )
+
+
 def _option(name: str) -> Any:
     return getattr(settings, "RECO", {}).get(name, DEFAULTS[name])
 
@@ -351,9 +375,7 @@ class SheddingMiddleware:
         self.get_response = get_response
         self.enabled = bool(_option("SHED_ENABLED"))
         target = float(_option("SHED_QUEUE_TARGET_MS"))
-        self.queue = (
-            StandingQueue(target, float(_option("SHED_QUEUE_INTERVAL_MS"))) if target > 0 else None
-        )
+        self.queue = _standing_queue(target) if target > 0 else None
         self.max_in_flight = int(_option("SHED_MAX_IN_FLIGHT"))
         self.retry_after = str(max(1, int(_option("SHED_RETRY_AFTER_SECONDS"))))
         self._lock = threading.Lock()

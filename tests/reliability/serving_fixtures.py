@@ -680,29 +680,17 @@ def run_load(
     The generator is benchmarks/loadgen's C one where a C compiler builds it (~0.09 ms of CPU
     per request), else serving_load's asyncio one (~0.3-0.5 ms, taken from the 2 cores the
     server under test runs on); RECO_LOADGEN=python forces the latter."""
-    load: Any
-    if generator_name() == "c-openloop":
-        load = loadgen.LoadRun(
-            "127.0.0.1",
-            server.port,
-            list(paths),
-            rate,
-            duration,
-            connections,
-            timeout=timeout,
-            record=True,
-        )
-    else:
-        load = LoadProcess(
-            "127.0.0.1",
-            server.port,
-            list(paths),
-            rate,
-            duration,
-            connections,
-            timeout=timeout,
-            record=True,
-        )
+    runner: Any = loadgen.LoadRun if generator_name() == "c-openloop" else LoadProcess
+    load = runner(
+        "127.0.0.1",
+        server.port,
+        list(paths),
+        rate,
+        duration,
+        connections,
+        timeout=timeout,
+        record=True,
+    )
     # The generator schedules its first request 0.2 s after its loop starts (serving_load);
     # the exact offsets of the events are computed from its reported start afterwards.
     t0 = time.monotonic() + 0.2

@@ -237,7 +237,12 @@ def test_a_shed_request_through_django_is_a_503_that_is_not_logged_as_an_error(
     client, settings, caplog
 ) -> None:  # type: ignore[no-untyped-def]
     # Given shedding that starts at the first late request (a zero interval)
-    settings.RECO = {**settings.RECO, "SHED_QUEUE_TARGET_MS": 5.0, "SHED_QUEUE_INTERVAL_MS": 0.0}
+    settings.RECO = {
+        **settings.RECO,
+        "SHED_QUEUE_TARGET_MS": 5.0,
+        "SHED_QUEUE_INTERVAL_MS": 0.0,
+        "SHED_QUEUE_MIN_LATE": 1,
+    }
     # When a request that waited 500 ms goes through the whole Django stack
     with caplog.at_level(logging.WARNING, logger="django.request"):
         response = client.get("/api/v1/popular", **{"gunicorn.socket": FakeTcpSocket(500)})
@@ -260,8 +265,10 @@ class SyncWorker:
 
 
 @pytest.fixture
-def stamped_listener():  # type: ignore[no-untyped-def]
-    """A loopback listener with kernel receive timestamps on, as the gate sets it up."""
+def stamped_listener(monkeypatch):  # type: ignore[no-untyped-def]
+    """A loopback listener with kernel receive timestamps on, as the gate sets it up (and no
+    model load of an earlier test still within its grace period)."""
+    monkeypatch.setattr(shedding, "_quiet_until", 0.0)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -366,3 +373,23 @@ def test_queueing_while_the_process_loads_a_model_is_not_shed(
         after = gate.admit_connection(conn)
     assert during is True
     assert after is False
+
+
+def test_a_few_late_requests_spanning_the_interval_are_not_a_standing_queue() -> None:
+    # Given a 200 ms interval that needs 20 late requests, on a fake clock
+    now = [0.0]
+    queue = StandingQueue(1.0, 200.0, clock=lambda: now[0], min_late=20)
+    # When a mostly idle worker sees one late request every 66 ms (15 per second) for 2 s
+    sparse = []
+    for _ in range(30):
+        sparse.append(queue.admit(3.0))
+        now[0] += 0.066
+    # Then it never sheds; a busy one (one late request per 2 ms) starts within the interval
+    assert all(sparse)
+    queue.reset()
+    busy = []
+    for _ in range(150):
+        busy.append(queue.admit(3.0))
+        now[0] += 0.002
+    assert not all(busy)
+    assert busy.index(False) >= 100  # 200 ms of late requests first
