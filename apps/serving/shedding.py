@@ -183,12 +183,6 @@ def peek_arrival(client: socket.socket) -> tuple[bytes, float | None]:
     return data, None
 
 
-def note_arrival(client: socket.socket) -> None:
-    """Remember `client`'s receive stamp for this thread's next `queue_ms` (no decision)."""
-    _, arrived = peek_arrival(client)
-    _arrival.value = None if arrived is None else (client, arrived)
-
-
 def _request_path(head: bytes) -> str | None:
     """The (start of the) path of an origin-form request line, else None."""
     method, space, rest = head.partition(b" ")
@@ -245,7 +239,7 @@ def queue_ms(environ: dict[str, Any]) -> float | None:
 
     Read when the request reaches the application, this is the time it waited for a worker
     (the backlog, or a threaded worker's queue) plus the worker's own parse time: from the
-    receive timestamp `note_arrival` took (microseconds), else from `TCP_INFO` (4 ms steps).
+    receive timestamp the worker's ConnectionGate noted (microseconds), else from `TCP_INFO` (4 ms steps).
     """
     sock = environ.get("gunicorn.socket")
     noted = getattr(_arrival, "value", None)

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from benchmarks import loadgen
-from benchmarks.serving_load import LoadProcess
+from benchmarks.serving_load import LoadProcess, choose_generator
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "benchmarks" / "results" / "reliability"
@@ -658,10 +658,10 @@ class LoadRun:
 
 
 def generator_name() -> str:
-    """The load generator `run_load` uses here: "c-openloop" or "python-asyncio"."""
-    if os.environ.get("RECO_LOADGEN", "auto") != "python" and loadgen.available():
-        return "c-openloop"
-    return "python-asyncio"
+    """The load generator `run_load` uses here: "c-openloop" or "python-asyncio" (serving_load's
+    choice; RECO_LOADGEN=python forces the latter)."""
+    wanted = "python" if os.environ.get("RECO_LOADGEN") == "python" else "auto"
+    return "c-openloop" if choose_generator(wanted) == "c" else "python-asyncio"
 
 
 def run_load(

@@ -22,9 +22,10 @@ from apps.serving.shedding import (
     StandingQueue,
     _admitted_by_gate,
     install_arrival_timestamps,
-    note_arrival,
     queue_ms,
 )
+
+REAL_LOADING_CHECK = shedding._loading_a_model
 
 
 class FakeTcpSocket:
@@ -264,11 +265,24 @@ class SyncWorker:
         raise AssertionError("replaced by the gate")
 
 
+@pytest.fixture(scope="module")
+def kernel_stamping():  # type: ignore[no-untyped-def]
+    """Keep receive timestamping on for the module. The kernel switches it on a moment after
+    the first socket asks (deferred), and off once none has it; a segment arriving in between
+    is stamped when read, which reads as no wait (a gunicorn worker keeps its listener all
+    its life, so only its first milliseconds are affected)."""
+    with socket.socket() as keeper:
+        keeper.setsockopt(socket.SOL_SOCKET, shedding._SO_TIMESTAMPNS, 1)
+        time.sleep(0.1)
+        yield
+
+
 @pytest.fixture
-def stamped_listener(monkeypatch):  # type: ignore[no-untyped-def]
-    """A loopback listener with kernel receive timestamps on, as the gate sets it up (and no
-    model load of an earlier test still within its grace period)."""
-    monkeypatch.setattr(shedding, "_quiet_until", 0.0)
+def stamped_listener(monkeypatch, kernel_stamping):  # type: ignore[no-untyped-def]
+    """A loopback listener with kernel receive timestamps on, as the gate sets it up. No model
+    load counts: an earlier test's serving state may still be loading a bundle in a background
+    thread (the test of `model_loading` puts the real check back)."""
+    monkeypatch.setattr(shedding, "_loading_a_model", lambda: False)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -326,10 +340,11 @@ def test_queue_ms_uses_the_kernel_receive_stamp_to_the_microsecond(stamped_liste
     late = socket.create_connection(stamped_listener.getsockname())
     late_conn, _ = stamped_listener.accept()
     with client, conn, late, late_conn:
-        note_arrival(conn)
+        undecided = ConnectionGate(None, "1")  # shedding off: it only notes the arrival
+        undecided.admit_connection(conn)
         stamped = queue_ms({"gunicorn.socket": conn})
         # a connection whose bytes arrive after the peek falls back to TCP_INFO
-        note_arrival(late_conn)
+        undecided.admit_connection(late_conn)
         late.sendall(b"GET / HTTP/1.1\r\n\r\n")
         time.sleep(0.01)
         fallback = queue_ms({"gunicorn.socket": late_conn})
@@ -360,7 +375,10 @@ def test_queueing_while_the_process_loads_a_model_is_not_shed(
     stamped_listener, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     # Given a gate that would shed the first late request (interval 0), and no grace period
+    monkeypatch.setattr(shedding, "_loading_a_model", REAL_LOADING_CHECK)
     monkeypatch.setattr(shedding, "LOAD_GRACE_S", 0.0)
+    monkeypatch.setattr(shedding, "_loads_running", 0)
+    monkeypatch.setattr(shedding, "_quiet_until", 0.0)
     gate = ConnectionGate(StandingQueue(5.0, 0.0), "1")
     request = b"GET /api/v1/popular HTTP/1.1\r\n\r\n"
     # When a request waited 30 ms while this process was loading a bundle
