@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ from typing import Any
 
 from tests.reliability.serving_fixtures import (
     BATCH_PRIORITY,
+    OFFSET,
     REPO,
     STATUS,
     VERSION,
@@ -123,6 +126,38 @@ def _fds(pid: int) -> int | None:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
+
+
+def _stage_timeline(database_url: str, wall_at_start: float) -> list[dict[str, Any]]:
+    """The pipeline stages that ran during the load, as seconds into it (from the StageRun
+    rows of the registry database the pipeline and the server share): to tell what ran when
+    a request was refused or slow."""
+    if not database_url.startswith("sqlite:///"):
+        return []
+    path = database_url.removeprefix("sqlite:///")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            rows = conn.execute(
+                "SELECT stage, status, started_at, finished_at FROM pipeline_stagerun"
+                " WHERE started_at IS NOT NULL ORDER BY started_at"
+            ).fetchall()
+    except sqlite3.Error:
+        return []
+
+    def at(text: str | None) -> float | None:
+        if not text:
+            return None
+        moment = datetime.datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        return round(moment.timestamp() - wall_at_start, 1)
+
+    out = []
+    for stage, status, started, finished in rows:
+        start = at(started)
+        if start is not None and start >= 0:
+            out.append({"stage": stage, "status": status, "from_s": start, "to_s": at(finished)})
+    return out
 
 
 def _capacity(args: argparse.Namespace) -> float:
@@ -217,6 +252,8 @@ def main() -> int:
     finally:
         redis.close()
 
+    wall_at_start = time.time() - (time.monotonic() - run.started_at)
+    stages = _stage_timeline(server.env.get("DATABASE_URL", ""), wall_at_start)
     minutes = []
     for m in range(int(args.duration // 60)):
         window = run.window(60 * m, 60 * (m + 1))
@@ -272,6 +309,16 @@ def main() -> int:
         "served_by_each_worker_at_end": {str(k): v for k, v in served_at_end.items()},
         "pipeline_runs": pipeline.runs,
         "pipeline_priority": " ".join(PIPELINE_PRIORITY),
+        "load_started_at_unix": round(wall_at_start, 3),
+        "pipeline_stages": stages,
+        # When each request that was not a 200 was sent (seconds into the load), and what it
+        # got: to line refusals up with the pipeline stages and the model changes.
+        "not_200_at_s": [[s[OFFSET], s[STATUS]] for s in run.samples if s[STATUS] != 200][:500],
+        "model_change_from_to_s": {
+            name: [run.offset(a["started_at"]), run.offset(a["done_at"])]
+            for name, a in answers.items()
+            if a and a.get("done_at")
+        },
         "worker_rss_growth_pct_after_first_model_cycle": rss_growth,
         "worker_rss_growth_pct_whole_run": rss_growth_total,
         "worker_rss_kib_first_last": {
