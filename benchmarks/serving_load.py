@@ -296,6 +296,36 @@ def workload(data_dir: Path, users: list[int]) -> dict:
     }
 
 
+def worker_cpu_seconds(master_pid: int) -> float:
+    """User + system CPU seconds used so far by the server's worker processes (Linux /proc;
+    0.0 where it cannot be read)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    for child in children:
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def machine_speed_ms() -> float:
+    """Milliseconds this machine takes for a fixed pure-Python loop (best of 5): these
+    machines' speed varies by 2x from day to day, so figures from different runs compare
+    only through it (or through the baseline measured in the same run)."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        sum(range(1_000_000))
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1e3, 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=500.0, help="requests per second (open loop)")
@@ -375,21 +405,26 @@ def main() -> int:
         for path in full_paths[:20] + ["/api/v1/_baseline"] * 10:
             urllib.request.urlopen(base + path, timeout=30).read()
 
-        def at(rate: float) -> dict:
-            out = {
-                "full_path": load(
-                    "127.0.0.1", port, full_paths, rate, args.duration, args.connections
-                ),
-                "baseline": load(
-                    "127.0.0.1", port, ["/api/v1/_baseline"], rate, args.duration, args.connections
-                ),
-            }
+        def measured(paths: list[str], rate: float) -> dict:
+            cpu_before = worker_cpu_seconds(server.pid)
+            result = load("127.0.0.1", port, paths, rate, args.duration, args.connections)
+            used = worker_cpu_seconds(server.pid) - cpu_before
+            # What a request costs the workers (shed ones included): it sets the capacity.
+            result["worker_cpu_ms_per_request"] = round(
+                1e3 * used / max(1, result["requests_completed"]), 3
+            )
             # throughput_rps counts every response, shed 503s too: the 200s alone are the
             # requests the server really answered.
-            for result in out.values():
-                result["ok_rps"] = round(result["ok"] / args.duration, 1)
-            return out
+            result["ok_rps"] = round(result["ok"] / args.duration, 1)
+            return result
 
+        def at(rate: float) -> dict:
+            return {
+                "full_path": measured(full_paths, rate),
+                "baseline": measured(["/api/v1/_baseline"], rate),
+            }
+
+        speed = machine_speed_ms()
         results = at(args.rate)
         steps = []
         for rate in sweep:
@@ -412,7 +447,11 @@ def main() -> int:
     report = {
         "benchmark": "serving_load",
         "command": " ".join(["python -m benchmarks.serving_load", *sys.argv[1:]]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "speed_ms_sum_range_1e6": speed,
+        },
         "server": {
             "kind": "gunicorn sync",
             "workers": args.workers,
@@ -430,6 +469,10 @@ def main() -> int:
         "ratios": {
             "throughput_full_over_baseline": round(
                 full["throughput_rps"] / max(1e-9, bare["throughput_rps"]), 3
+            ),
+            "worker_cpu_full_over_baseline": round(
+                full["worker_cpu_ms_per_request"] / max(1e-9, bare["worker_cpu_ms_per_request"]),
+                3,
             ),
             "p99_full_over_baseline": round(
                 (full["p99_ms"] or 0) / max(1e-9, bare["p99_ms"] or 1e-9), 3
