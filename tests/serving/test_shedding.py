@@ -231,7 +231,7 @@ def test_the_middleware_runs_first_in_the_django_stack(settings) -> None:
     # and its defaults are the documented ones
     assert settings.RECO["SHED_ENABLED"] is True
     assert settings.RECO["SHED_QUEUE_TARGET_MS"] == 1.0
-    assert settings.RECO["SHED_QUEUE_INTERVAL_MS"] == 500.0
+    assert settings.RECO["SHED_QUEUE_INTERVAL_MS"] == 200.0
 
 
 def test_a_shed_request_through_django_is_a_503_that_is_not_logged_as_an_error(
