@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -296,16 +297,21 @@ def workload(data_dir: Path, users: list[int]) -> dict:
     }
 
 
+def worker_pids(master_pid: int) -> list[int]:
+    """The server master's live children (gunicorn workers), from /proc (Linux)."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{master_pid}/task").iterdir():
+            children.extend(int(p) for p in (task / "children").read_text().split())
+    return sorted(children)
+
+
 def worker_cpu_seconds(master_pid: int) -> float:
     """User + system CPU seconds used so far by the server's worker processes (Linux /proc;
     0.0 where it cannot be read)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    try:
-        children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
-    except OSError:
-        return 0.0
-    for child in children:
+    for child in worker_pids(master_pid):
         try:
             fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from benchmarks import loadgen
-from benchmarks.serving_load import LoadProcess, choose_generator
+from benchmarks.serving_load import LoadProcess, choose_generator, worker_pids
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "benchmarks" / "results" / "reliability"
@@ -511,13 +511,7 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """The master's live children (gunicorn workers), from /proc."""
-        children: list[int] = []
-        task_dir = Path(f"/proc/{self.process.pid}/task")
-        with contextlib.suppress(OSError):
-            for task in task_dir.iterdir():
-                text = (task / "children").read_text().split()
-                children.extend(int(p) for p in text)
-        return sorted(children)
+        return worker_pids(self.process.pid)
 
     @staticmethod
     def rss_kib(pid: int) -> int | None:
