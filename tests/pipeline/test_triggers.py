@@ -305,6 +305,151 @@ def test_the_scheduler_sends_only_while_it_holds_the_lease(monkeypatch):
     assert scheduler.lease.released
 
 
+def due_every_minute(name="probe: every minute"):
+    """A periodic task last run two minutes ago: due now, then in a minute."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every, _ = IntervalSchedule.objects.get_or_create(every=60, period=IntervalSchedule.SECONDS)
+    return PeriodicTask.objects.create(
+        name=name,
+        task="tests.beat_probe",  # no such task: beat sends it by name
+        interval=every,
+        last_run_at=timezone.now() - dt.timedelta(minutes=2),
+    )
+
+
+def leading_scheduler(monkeypatch, sent):
+    """A real LeaderDatabaseScheduler on the test database whose lease is always ours and
+    whose sends are recorded instead of published."""
+    scheduler = beat.LeaderDatabaseScheduler(app=app)
+    scheduler.lease = FakeLease([True] * 100)
+    scheduler.__dict__["producer"] = object()  # the cached producer: never a broker connection
+    monkeypatch.setattr(app, "send_task", lambda name, *a, **k: sent.append(name))
+    return scheduler
+
+
+def sends_of(sent, name="tests.beat_probe"):
+    return sum(s == name for s in sent)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_close_during_a_save_saves_the_last_run_releases_the_lease_and_ends_the_loop(
+    monkeypatch,
+):
+    # Given a leading scheduler with one due task, whose first save of a last run is cut off
+    # the way celery's SIGTERM handler cuts it: the handler closes the scheduler (from inside
+    # the save) and the SystemExit it raises reaches the loop as an ordinary error
+    from django_celery_beat.models import PeriodicTask
+    from django_celery_beat.schedulers import ModelEntry
+
+    task = due_every_minute()
+    sent: list[str] = []
+    scheduler = leading_scheduler(monkeypatch, sent)
+    real_save = ModelEntry.save
+    interrupted = []
+
+    def save(entry):
+        if not interrupted:
+            interrupted.append(entry.name)
+            scheduler.close()  # what celery's _sync handler does first
+            raise RuntimeError("Cannot operate on a closed database.")
+        return real_save(entry)
+
+    monkeypatch.setattr(ModelEntry, "save", save)
+    # When it ticks (sends the task; the save is interrupted) and ticks again
+    scheduler.tick()
+    assert sends_of(sent) == 1
+    # Then the close saved the last run before releasing the lease, so a standby taking over
+    # reads it and does not send the task again
+    assert interrupted == [task.name]
+    assert scheduler.lease.released
+    assert PeriodicTask.objects.get(pk=task.pk).last_run_at > timezone.now() - dt.timedelta(
+        seconds=30
+    )
+    # and the next tick ends the loop instead of taking the lease again and sending
+    with pytest.raises(SystemExit):
+        scheduler.tick()
+    assert sends_of(sent) == 1
+    scheduler.close()  # the service's own close after the loop: nothing left to do
+    assert not scheduler.is_leader
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_save_is_retried_and_a_re_read_schedule_does_not_send_the_task_again(
+    monkeypatch,
+):
+    # Given a leading scheduler whose saves fail while the database is locked
+    from django.db import OperationalError
+    from django_celery_beat.models import PeriodicTask
+    from django_celery_beat.schedulers import ModelEntry
+
+    task = due_every_minute()
+    before = PeriodicTask.objects.get(pk=task.pk).last_run_at
+    sent: list[str] = []
+    scheduler = leading_scheduler(monkeypatch, sent)
+    real_save = ModelEntry.save
+    locked = [True]
+
+    def save(entry):
+        if locked[0]:
+            raise OperationalError("database is locked")
+        return real_save(entry)
+
+    monkeypatch.setattr(ModelEntry, "save", save)
+    # When it sends the task, its save fails, and the schedule is then read again from the
+    # database (an operator edited a task; a lease taken over)
+    scheduler.tick()
+    assert sends_of(sent) == 1
+    assert PeriodicTask.objects.get(pk=task.pk).last_run_at == before
+    scheduler._initial_read, scheduler._heap = True, None
+    for _ in range(3):
+        scheduler.tick()
+    # Then the task is not due again: the re-read kept this process's unsaved last run
+    assert sends_of(sent) == 1
+    # and once the database takes writes again, the next sync saves it
+    locked[0] = False
+    scheduler.sync()
+    assert PeriodicTask.objects.get(pk=task.pk).last_run_at > before
+    assert not scheduler._dirty
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_schedule_change_noticed_before_a_send_does_not_send_the_task_twice(monkeypatch):
+    # Given a leading scheduler with one due task, and a change to the periodic tasks made
+    # after it started (a second beat starting saves its default entries)
+    from django_celery_beat.models import PeriodicTasks
+
+    due_every_minute()
+    sent: list[str] = []
+    scheduler = leading_scheduler(monkeypatch, sent)
+    PeriodicTasks.update_changed()
+    # When it ticks a few times (the first notices the change while building its heap)
+    for _ in range(4):
+        scheduler.tick()
+    # Then it sent the task once
+    assert sends_of(sent) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_never_moves_a_later_last_run_back(monkeypatch):
+    # Given an unsaved last run older than the one another beat saved meanwhile
+    from django_celery_beat.models import PeriodicTask
+
+    task = due_every_minute()
+    sent: list[str] = []
+    scheduler = leading_scheduler(monkeypatch, sent)
+    scheduler.tick()  # sends and saves
+    ours = PeriodicTask.objects.get(pk=task.pk).last_run_at
+    later = ours + dt.timedelta(minutes=5)
+    PeriodicTask.objects.filter(pk=task.pk).update(last_run_at=later)
+    # When its sync saves the entry again
+    scheduler._dirty.add(task.name)
+    scheduler.sync()
+    # Then the later run stays
+    assert PeriodicTask.objects.get(pk=task.pk).last_run_at == later
+    assert not scheduler._dirty
+
+
 @pytest.mark.django_db(transaction=True)
 def test_without_a_lock_url_the_scheduler_is_the_stock_one(monkeypatch):
     assert app.conf.beat_leader_lock_url == ""  # tests run without a broker

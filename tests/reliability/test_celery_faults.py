@@ -649,6 +649,9 @@ def test_two_beats_send_each_tick_once_and_the_standby_takes_over(
     assert max(leader_sends) < min(standby_sends)
     assert min(standby_sends) > killed_at
     assert set(per_tick) == {1}, per_tick
+    # and the standby, once stopped, released the lease and did not take it again
+    assert standby.lines("beat leader lock released")
+    assert len(standby.lines(taken)) == 1
     # and each send made at most one run, none overlapping another, all succeeded
     assert len(runs) + skipped == len(per_tick)
     assert len(runs) >= 2  # (a run still active at the next tick makes that tick a skip)
