@@ -16,7 +16,8 @@ time, before Django, DRF, Redis or the ranker spend anything on it:
   within the interval (the 150 ms a worker spends on 3 Redis timeouts while its breaker
   opens) is served, not shed; a standing queue, every request above `SHED_QUEUE_TARGET_MS`
   for `SHED_QUEUE_INTERVAL_MS`, switches the process to shedding every request that waited
-  longer than the target, until none has for a whole interval. Under overload the accepted
+  longer than the target, until none has for a whole interval or less work arrives than
+  the process can do (see `StandingQueue`). Under overload the accepted
   requests then wait about the target, so their latency stays near the normal one whatever
   the offered rate, and the excess is refused cheaply from the stale head of the queue.
   Without a socket in the WSGI environ (another server, a unix socket) the signal is absent
@@ -57,7 +58,7 @@ SHED = Counter(
 DEFAULTS: dict[str, Any] = {
     "SHED_ENABLED": True,
     "SHED_QUEUE_TARGET_MS": 1.0,
-    "SHED_QUEUE_INTERVAL_MS": 200.0,
+    "SHED_QUEUE_INTERVAL_MS": 500.0,
     "SHED_QUEUE_MIN_LATE": 20,
     "SHED_MAX_IN_FLIGHT": 0,
     "SHED_RETRY_AFTER_SECONDS": 1,
@@ -110,7 +111,12 @@ def install_arrival_timestamps(worker: Any) -> bool:
     def admitting_handle(listener: Any, client: socket.socket, addr: Any) -> Any:
         if not gate.admit_connection(client):
             return None
-        return handle(listener, client, addr)
+        started = time.monotonic()
+        try:
+            return handle(listener, client, addr)
+        finally:
+            if gate.queue is not None:
+                gate.queue.served(time.monotonic() - started)
 
     worker.handle = admitting_handle
     return True
@@ -258,6 +264,15 @@ def queue_ms(environ: dict[str, Any]) -> float | None:
     return float(_LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_OFFSET)[0])
 
 
+# Waits falling by at least this many ms per ms of a run of late requests: a draining queue.
+DRAIN_SLOPE = 0.25
+# Shedding stops once the offered load (arrivals x mean service time) is below this share of
+# one worker's time, and MEAN_SERVICE_WEIGHT is the weight of each admitted request in that
+# mean (an exponentially weighted one).
+EXIT_LOAD = 0.9
+MEAN_SERVICE_WEIGHT = 0.1
+
+
 class StandingQueue:
     """CoDel's decision on the queueing delay of successive requests (one per process).
 
@@ -265,6 +280,28 @@ class StandingQueue:
     seen for `interval_ms` waited longer than `target_ms` (a standing queue, not a burst),
     and stops once none has for `interval_ms`. While shedding, a request that waited no
     longer than the target is still admitted. `clock` is injectable for tests.
+
+    Two refinements keep a stall of the whole process (both gunicorn workers stopped
+    200-250 ms a few times per 10 minutes in the soak at half the capacity, cause unknown)
+    from reading as overload:
+    - the run of late requests must be seen: a gap of more than half an interval with no
+      request at all (the process was not running) restarts it at the next request, so the
+      interval is not served by the stall itself;
+    - a queue that is draining is not standing. After a stall the waits fall from the
+      stall's length towards zero, by (1 - load) / load ms per ms (1 at half the capacity);
+      under overload they stay or grow. Shedding starts only if the latest request waited
+      longer than the run's first one less a quarter of the run's length, so the drain after
+      a stall is served wherever the load leaves a fifth of the capacity spare.
+
+    Leaving: CoDel stops dropping once the queue is gone, but shedding is so cheap that the
+    queue is gone at once, and at half the capacity a fifth or more of the requests still
+    arrive while both workers are busy, so "no late request for a whole interval" seldom
+    came: a false start shed for seconds (3,181 requests in one 10-minute soak). So shedding
+    also stops, after a quarter of an interval, once the offered load is below capacity:
+    the requests that reached this process in the last quarter interval (shed or not) times
+    its mean service time (`served`, the time the worker spent on each admitted request)
+    cover less than `EXIT_LOAD` of that time. Under a 2x overload that is ~2, at half the
+    capacity ~0.5.
     """
 
     def __init__(
@@ -287,6 +324,11 @@ class StandingQueue:
         self._above_since: float | None = None  # first of an unbroken run of late requests
         self._recent_late: deque[float] = deque(maxlen=self.min_late)  # their times
         self._last_above = float("-inf")
+        self._last_seen = float("-inf")  # the previous request, late or not
+        self._first_wait_ms = 0.0  # how long the run's first request waited
+        self._shed_since = 0.0
+        self._arrivals: deque[float] = deque()  # while shedding: when each request came
+        self.mean_service_s = 0.0  # of admitted requests (`served`); 0: not measured
 
     def reset(self) -> None:
         """Forget the current run of late requests and stop shedding."""
@@ -294,24 +336,56 @@ class StandingQueue:
         self._above_since = None
         self._recent_late.clear()
 
+    def served(self, seconds: float) -> None:
+        """Note how long the worker spent on a request it admitted."""
+        if self.mean_service_s <= 0.0:
+            self.mean_service_s = seconds
+        else:
+            self.mean_service_s += MEAN_SERVICE_WEIGHT * (seconds - self.mean_service_s)
+
+    def offered_load(self, now: float) -> float | None:
+        """While shedding: the work that reached this process in the last quarter interval
+        over that time (1.0: exactly its capacity); None when unknown."""
+        window = self.interval_s / 4
+        while self._arrivals and self._arrivals[0] < now - window:
+            self._arrivals.popleft()
+        if self.mean_service_s <= 0.0 or window <= 0.0 or now - self._shed_since < window:
+            return None
+        return len(self._arrivals) * self.mean_service_s / window
+
     def admit(self, waited_ms: float) -> bool:
         now = self._clock()
-        if self.shedding and now - self._last_above >= self.interval_s:
-            self.shedding = False  # no late request for a whole interval: the queue is gone
-            self._above_since = None
+        unseen = now - self._last_seen > self.interval_s / 2
+        self._last_seen = now
+        if self.shedding:
+            self._arrivals.append(now)
+            load = self.offered_load(now)
+            if now - self._last_above >= self.interval_s or (load is not None and load < EXIT_LOAD):
+                # no late request for a whole interval, or less work arriving than the
+                # process can do: the overload is over
+                self.shedding = False
+                self._above_since = None
+                self._arrivals.clear()
         if waited_ms <= self.target_ms:
             self._above_since = None
             return True
         self._last_above = now
-        if self._above_since is None:
+        if self._above_since is None or unseen:
             self._above_since = now
+            self._first_wait_ms = waited_ms
+            self._recent_late.clear()
         self._recent_late.append(now)
         busy = (
             len(self._recent_late) == self.min_late
             and now - self._recent_late[0] <= self.interval_s
         )
-        if not self.shedding and now - self._above_since >= self.interval_s and busy:
+        run_s = now - self._above_since
+        draining = waited_ms < self._first_wait_ms - run_s * 1000.0 * DRAIN_SLOPE
+        standing = run_s >= self.interval_s and not draining
+        if not self.shedding and standing and busy:
             self.shedding = True
+            self._shed_since = now
+            self._arrivals.append(now)
         return not self.shedding
 
 
@@ -378,6 +452,7 @@ class SheddingMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if not self.enabled or request.path.startswith(EXEMPT_PATHS):
             return self.get_response(request)
+        judged = False
         if self.queue is not None and not _admitted_by_gate(request.META):
             if _loading_a_model():
                 self.queue.reset()
@@ -385,6 +460,16 @@ class SheddingMiddleware:
                 waited = queue_ms(request.META)
                 if waited is not None and not self.queue.admit(waited):
                     return self.shed("queue_time", waited)
+                judged = waited is not None
+        if judged:
+            started = time.monotonic()
+            try:
+                return self._in_flight_limited(request)
+            finally:
+                self.queue.served(time.monotonic() - started)  # type: ignore[union-attr]
+        return self._in_flight_limited(request)
+
+    def _in_flight_limited(self, request: HttpRequest) -> HttpResponse:
         if self.max_in_flight <= 0:
             return self.get_response(request)
         with self._lock:

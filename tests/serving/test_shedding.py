@@ -123,8 +123,9 @@ def test_a_request_shed_from_a_standing_queue_gets_503_json_and_retry_after(sett
     mw = middleware(settings, calls, SHED_RETRY_AFTER_SECONDS=2)
     clock = Clock()
     mw.queue = StandingQueue(5.0, 100.0, clock=clock)
-    assert mw(get("/api/v1/popular", waited_ms=40)).status_code == 200
-    clock.advance(120)
+    for _ in range(10):  # one late request every 10 ms, each served
+        assert mw(get("/api/v1/popular", waited_ms=40)).status_code == 200
+        clock.advance(10)
     before = shed_count("queue_time")
     # When another request that waited 40 ms arrives
     response = mw(get("/api/v1/popular", waited_ms=40))
@@ -136,7 +137,7 @@ def test_a_request_shed_from_a_standing_queue_gets_503_json_and_retry_after(sett
     assert body["error"] == "overloaded"
     assert body["reason"] == "queue_time"
     assert body["queued_ms"] == 40
-    assert calls == ["/api/v1/popular"]
+    assert calls == ["/api/v1/popular"] * 10
     assert shed_count("queue_time") == before + 1
 
 
@@ -231,7 +232,7 @@ def test_the_middleware_runs_first_in_the_django_stack(settings) -> None:
     # and its defaults are the documented ones
     assert settings.RECO["SHED_ENABLED"] is True
     assert settings.RECO["SHED_QUEUE_TARGET_MS"] == 1.0
-    assert settings.RECO["SHED_QUEUE_INTERVAL_MS"] == 200.0
+    assert settings.RECO["SHED_QUEUE_INTERVAL_MS"] == 500.0
 
 
 def test_a_shed_request_through_django_is_a_503_that_is_not_logged_as_an_error(
@@ -411,3 +412,120 @@ def test_a_few_late_requests_spanning_the_interval_are_not_a_standing_queue() ->
         now[0] += 0.002
     assert not all(busy)
     assert busy.index(False) >= 100  # 200 ms of late requests first
+
+
+def a_stall_then_its_drain(queue: StandingQueue, now: list[float], stall_s: float) -> list[bool]:
+    """Late requests every 2 ms (a short run), then nothing for `stall_s` (the process stopped),
+    then the backlog drains at half the capacity: the first request waited the stall's
+    length, each later one 2 ms less, one every 2 ms. The admit decisions."""
+    decisions = []
+    for _ in range(10):
+        decisions.append(queue.admit(3.0))
+        now[0] += 0.002
+    now[0] += stall_s
+    waited = stall_s * 1000
+    while waited > 0:
+        decisions.append(queue.admit(waited))
+        waited -= 2.0
+        now[0] += 0.002
+    decisions.append(queue.admit(0.5))
+    return decisions
+
+
+def test_a_stall_of_the_process_and_its_drain_are_not_a_standing_queue() -> None:
+    # Given a 200 ms interval that needs 20 late requests, on a fake clock
+    now = [0.0]
+    queue = StandingQueue(1.0, 200.0, clock=lambda: now[0], min_late=20)
+    # When the process stalls for 250 ms in a run of late requests, and for 600 ms (whose
+    # drain, 600 ms of late requests, outlasts the interval three times)
+    short = a_stall_then_its_drain(queue, now, 0.25)
+    long = a_stall_then_its_drain(queue, now, 0.6)
+    # Then every request is served
+    assert all(short)
+    assert all(long)
+    assert queue.shedding is False
+
+
+def test_a_queue_that_grows_after_a_stall_is_shed() -> None:
+    # Given the same queue
+    now = [0.0]
+    queue = StandingQueue(1.0, 200.0, clock=lambda: now[0], min_late=20)
+    # When after a 250 ms stall the waits do not fall but grow (twice the capacity arrives)
+    for _ in range(10):
+        queue.admit(3.0)
+        now[0] += 0.002
+    now[0] += 0.25
+    decisions = []
+    waited = 250.0
+    for _ in range(200):
+        decisions.append(queue.admit(waited))
+        waited += 1.0
+        now[0] += 0.002
+    # Then it sheds, once the grown queue has been seen for an interval
+    assert not all(decisions)
+    assert decisions.index(False) >= 100  # 200 ms of late requests first
+
+
+def shedding_queue(now: list[float]) -> StandingQueue:
+    """A queue (1 ms target, 200 ms interval) of a worker whose requests take 4 ms, driven
+    into shedding by 200 ms of arrivals every 2 ms (twice its capacity) with growing waits."""
+    queue = StandingQueue(1.0, 200.0, clock=lambda: now[0], min_late=20)
+    for _ in range(20):
+        queue.served(0.004)
+    waited = 2.0
+    while not queue.shedding:
+        queue.admit(waited)
+        waited += 1.0
+        now[0] += 0.002
+    return queue
+
+
+def keep_arriving(
+    queue: StandingQueue, now: list[float], every_s: float, seconds: float
+) -> list[bool]:
+    """Arrivals every `every_s` for `seconds`, one in three late (both workers busy): the
+    decisions on the late ones."""
+    decisions = []
+    for i in range(round(seconds / every_s)):
+        late = i % 3 == 0
+        decision = queue.admit(3.0 if late else 0.2)
+        if late:
+            decisions.append(decision)
+        now[0] += every_s
+    return decisions
+
+
+def test_shedding_stops_once_less_work_arrives_than_the_worker_can_do() -> None:
+    # Given a worker shedding a 2x overload
+    now = [0.0]
+    queue = shedding_queue(now)
+    # When the overload goes on for a second, then the load falls to half the capacity (a
+    # request every 8 ms) while a third of the requests still wait a little
+    overload = keep_arriving(queue, now, 0.002, 1.0)
+    still_shedding = queue.shedding
+    after = keep_arriving(queue, now, 0.008, 1.0)
+    # Then it kept shedding the late requests through the overload
+    assert still_shedding is True
+    assert not any(overload)
+    # and stopped within a quarter interval of the load falling (50 ms: a few requests),
+    # though late requests kept coming more often than once an interval
+    assert queue.shedding is False
+    assert after.count(False) <= 3
+    assert all(after[3:])
+
+
+def test_without_service_times_shedding_stops_only_after_an_interval_with_no_late_request() -> None:
+    # Given a queue that never learnt how long requests take (the middleware without a gate
+    # before anything was served), shedding
+    now = [0.0]
+    queue = StandingQueue(1.0, 200.0, clock=lambda: now[0], min_late=20)
+    waited = 2.0
+    while not queue.shedding:
+        queue.admit(waited)
+        waited += 1.0
+        now[0] += 0.002
+    # When the load falls to half but a third of the requests still wait a little
+    after = keep_arriving(queue, now, 0.008, 1.0)
+    # Then it still sheds them (no estimate of the load: the interval rule alone)
+    assert queue.shedding is True
+    assert not any(after)
