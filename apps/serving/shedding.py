@@ -266,6 +266,10 @@ def queue_ms(environ: dict[str, Any]) -> float | None:
 
 # Waits falling by at least this many ms per ms of a run of late requests: a draining queue.
 DRAIN_SLOPE = 0.25
+# A run of late requests is a standing queue only once a request has waited at least this
+# share of the interval: the slowdowns seen at half the capacity left waits of 20-120 ms
+# (and one shed 3 requests with a 500 ms interval), a 2x overload ~250 ms after an interval.
+STANDING_SHARE = 0.25
 # Shedding stops once the offered load (arrivals x mean service time) is below this share of
 # one worker's time, and MEAN_SERVICE_WEIGHT is the weight of each admitted request in that
 # mean (an exponentially weighted one).
@@ -291,7 +295,11 @@ class StandingQueue:
       stall's length towards zero, by (1 - load) / load ms per ms (1 at half the capacity);
       under overload they stay or grow. Shedding starts only if the latest request waited
       longer than the run's first one less a quarter of the run's length, so the drain after
-      a stall is served wherever the load leaves a fifth of the capacity spare.
+      a stall is served wherever the load leaves a fifth of the capacity spare;
+    - a queue is standing only once it is long: the latest request waited at least a
+      quarter of the interval (`STANDING_SHARE`). A 2x overload grows the wait by ~0.5 ms
+      per ms (~250 ms after a 500 ms interval); the short slowdowns of a busy machine grew it
+      to 20-120 ms.
 
     Leaving: CoDel stops dropping once the queue is gone, but shedding is so cheap that the
     queue is gone at once, and at half the capacity a fifth or more of the requests still
@@ -381,7 +389,8 @@ class StandingQueue:
         )
         run_s = now - self._above_since
         draining = waited_ms < self._first_wait_ms - run_s * 1000.0 * DRAIN_SLOPE
-        standing = run_s >= self.interval_s and not draining
+        long_enough = waited_ms >= self.interval_s * 1000.0 * STANDING_SHARE
+        standing = run_s >= self.interval_s and not draining and long_enough
         if not self.shedding and standing and busy:
             self.shedding = True
             self._shed_since = now

@@ -95,10 +95,11 @@ def test_a_burst_shorter_than_the_interval_is_served_not_shed() -> None:
 def test_a_standing_queue_sheds_late_requests_until_it_is_gone() -> None:
     clock = Clock()
     queue = StandingQueue(5.0, 100.0, clock=clock)
-    # Given every request waiting longer than the target for a whole interval
+    # Given every request waiting longer than the target (and a quarter interval) for a
+    # whole interval
     decisions = []
     for _ in range(12):
-        decisions.append(queue.admit(20))
+        decisions.append(queue.admit(30))
         clock.advance(10)
     # Then shedding starts once the interval has passed, not before
     assert decisions[:10] == [True] * 10
@@ -408,7 +409,7 @@ def test_a_few_late_requests_spanning_the_interval_are_not_a_standing_queue() ->
     queue.reset()
     busy = []
     for _ in range(150):
-        busy.append(queue.admit(3.0))
+        busy.append(queue.admit(60.0))
         now[0] += 0.002
     assert not all(busy)
     assert busy.index(False) >= 100  # 200 ms of late requests first
@@ -529,3 +530,21 @@ def test_without_service_times_shedding_stops_only_after_an_interval_with_no_lat
     # Then it still sheds them (no estimate of the load: the interval rule alone)
     assert queue.shedding is True
     assert not any(after)
+
+
+def test_a_late_run_is_a_standing_queue_only_once_its_waits_reach_a_quarter_interval() -> None:
+    # Given a 200 ms interval on a fake clock
+    now = [0.0]
+    queue = StandingQueue(1.0, 200.0, clock=lambda: now[0], min_late=20)
+    # When every request waits 20-40 ms for 400 ms (a short slowdown), then 60 ms
+    short = []
+    for i in range(200):
+        short.append(queue.admit(20.0 + (i % 3) * 10))
+        now[0] += 0.002
+    long = []
+    for _ in range(10):
+        long.append(queue.admit(60.0))
+        now[0] += 0.002
+    # Then the short queue is served and the long one shed at once (it stood an interval)
+    assert all(short)
+    assert long[0] is False
