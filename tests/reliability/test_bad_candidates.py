@@ -484,12 +484,14 @@ def test_bad_candidates_are_refused_with_a_reason_and_change_nothing_that_serves
         ),
         drop=("ranker/model.onnx",),
     )
-    block = matrix[:50]
+    # The whole serving matrix: on a 50-row block the call's fixed cost hid the trees (a ratio
+    # of 2.08 once, with a primary of few trees); per-row work is what a slower predictor adds.
+    block = matrix
     slow_native = slow_boosters[0].predict(matrix, num_threads=1)
     evidence["slow"] = {
         "trees": {"primary": primary_trees, "candidate": slow_boosters[0].num_trees()},
         "leaves": {"primary": primary_leaves, "candidate": SLOW_LEAVES * primary_leaves},
-        "predictor_only_p50_ms_50_rows": {
+        "predictor_only_p50_ms_whole_matrix": {
             "primary": round(predict_p50_ms(primary_booster, block), 3),
             "candidate": round(predict_p50_ms(slow_boosters[0], block), 3),
         },
@@ -498,7 +500,7 @@ def test_bad_candidates_are_refused_with_a_reason_and_change_nothing_that_serves
         ),
         "bundle_verifies": verify_bundle(bundle) == [],
     }
-    predictor = evidence["slow"]["predictor_only_p50_ms_50_rows"]
+    predictor = evidence["slow"]["predictor_only_p50_ms_whole_matrix"]
     predictor["ratio"] = round(predictor["candidate"] / predictor["primary"], 2)
     # What the same comparison sees through the pipeline's loader (its row loop timed too)
     evidence["slow"]["ratio_through_pipeline_load_scorer"] = timed_ratio(
@@ -521,7 +523,8 @@ def test_bad_candidates_are_refused_with_a_reason_and_change_nothing_that_serves
     assert evidence["corrupt"]["rows_scored_differently"] > 0
     assert serving_matrix_error is not None
     assert "number of features" in serving_matrix_error
-    assert predictor["ratio"] > SLOW_TREES
+    # (5x the trees, twice the leaves: ~5-10x the work; half of that leaves room for noise)
+    assert predictor["ratio"] > SLOW_TREES / 2, evidence["slow"]
     assert all(e.get("bundle_verifies", True) for e in evidence.values()), evidence
 
     # and the server serves the primary, from the test's registry, with its lists in Redis
