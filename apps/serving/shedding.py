@@ -285,9 +285,9 @@ class StandingQueue:
     and stops once none has for `interval_ms`. While shedding, a request that waited no
     longer than the target is still admitted. `clock` is injectable for tests.
 
-    Two refinements keep a stall of the whole process (both gunicorn workers stopped
+    Three refinements keep a stall of the whole process (both gunicorn workers stopped
     200-250 ms a few times per 10 minutes in the soak at half the capacity, cause unknown)
-    from reading as overload:
+    or a short slowdown from reading as overload:
     - the run of late requests must be seen: a gap of more than half an interval with no
       request at all (the process was not running) restarts it at the next request, so the
       interval is not served by the stall itself;

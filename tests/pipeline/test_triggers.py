@@ -12,8 +12,10 @@ import time
 
 import pytest
 from django.conf import settings
-from django.db import connections
+from django.db import OperationalError, connections
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask, PeriodicTasks
+from django_celery_beat.schedulers import ModelEntry
 
 from apps.pipeline import beat, services, tasks
 from apps.pipeline.models import PipelineRun, PipelineTriggerLock, RunStatus, StageRun
@@ -307,8 +309,6 @@ def test_the_scheduler_sends_only_while_it_holds_the_lease(monkeypatch):
 
 def due_every_minute(name="probe: every minute"):
     """A periodic task last run two minutes ago: due now, then in a minute."""
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
-
     every, _ = IntervalSchedule.objects.get_or_create(every=60, period=IntervalSchedule.SECONDS)
     return PeriodicTask.objects.create(
         name=name,
@@ -339,9 +339,6 @@ def test_a_close_during_a_save_saves_the_last_run_releases_the_lease_and_ends_th
     # Given a leading scheduler with one due task, whose first save of a last run is cut off
     # the way celery's SIGTERM handler cuts it: the handler closes the scheduler (from inside
     # the save) and the SystemExit it raises reaches the loop as an ordinary error
-    from django_celery_beat.models import PeriodicTask
-    from django_celery_beat.schedulers import ModelEntry
-
     task = due_every_minute()
     sent: list[str] = []
     scheduler = leading_scheduler(monkeypatch, sent)
@@ -379,10 +376,6 @@ def test_a_failed_save_is_retried_and_a_re_read_schedule_does_not_send_the_task_
     monkeypatch,
 ):
     # Given a leading scheduler whose saves fail while the database is locked
-    from django.db import OperationalError
-    from django_celery_beat.models import PeriodicTask
-    from django_celery_beat.schedulers import ModelEntry
-
     task = due_every_minute()
     before = PeriodicTask.objects.get(pk=task.pk).last_run_at
     sent: list[str] = []
@@ -417,8 +410,6 @@ def test_a_failed_save_is_retried_and_a_re_read_schedule_does_not_send_the_task_
 def test_a_schedule_change_noticed_before_a_send_does_not_send_the_task_twice(monkeypatch):
     # Given a leading scheduler with one due task, and a change to the periodic tasks made
     # after it started (a second beat starting saves its default entries)
-    from django_celery_beat.models import PeriodicTasks
-
     due_every_minute()
     sent: list[str] = []
     scheduler = leading_scheduler(monkeypatch, sent)
@@ -433,8 +424,6 @@ def test_a_schedule_change_noticed_before_a_send_does_not_send_the_task_twice(mo
 @pytest.mark.django_db(transaction=True)
 def test_a_save_never_moves_a_later_last_run_back(monkeypatch):
     # Given an unsaved last run older than the one another beat saved meanwhile
-    from django_celery_beat.models import PeriodicTask
-
     task = due_every_minute()
     sent: list[str] = []
     scheduler = leading_scheduler(monkeypatch, sent)
